@@ -1,0 +1,181 @@
+"""Recipes: a YAML file of TRL field names gives the defaults, command-line flags override them."""
+
+import argparse
+import difflib
+import enum
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+from gemma_sft import UserError
+
+# The flags of the original single-script tool, kept so its users' commands keep working.
+FLAG_ALIASES = {
+    "--model_path": "--model_name_or_path",
+    "--data_path": "--dataset_name",
+    "--epochs": "--num_train_epochs",
+    "--batch_size": "--per_device_train_batch_size",
+    "--output_path": "--output_dir",
+}
+
+
+@dataclass
+class DataArguments(ScriptArguments):
+    """TRL's script arguments plus how to sample, filter and check the data."""
+
+    max_samples: int = field(default=2000, metadata={"help": "Training rows drawn at random with `seed`; 0 = all."})
+    eval_samples: int = field(default=100, metadata={"help": "Held-out rows, disjoint from the training rows."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message for rows that have none (Belle rows never do)."}
+    )
+    drop_overlong: bool = field(
+        default=True,
+        metadata={"help": "Skip (and count) rows longer than max_length rather than cut off their answer."},
+    )
+    dry_run: bool = field(
+        default=False, metadata={"help": "Check and tokenize the data, print a summary, exit without training."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow replacing a finished adapter already in output_dir."}
+    )
+
+
+DATACLASSES = (DataArguments, SFTConfig, ModelConfig)
+
+
+class RecipeParser(TrlParser):
+    """TrlParser whose errors are one clear line instead of a usage dump."""
+
+    def error(self, message):
+        raise UserError(f"command line: {message}")
+
+
+def _known_fields() -> set[str]:
+    return {f.name for cls in DATACLASSES for f in fields(cls) if f.init}
+
+
+def rewrite_aliases(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        out.append(FLAG_ALIASES.get(flag, flag) + sep + value if flag in FLAG_ALIASES else arg)
+    return out
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a recipe, failing with file:line on YAML errors and unknown keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not isinstance(root, yaml.MappingNode):
+        raise UserError(f"{path}: a recipe must be a mapping of field names to values")
+    known = _known_fields() | {"env"}
+    for key_node, _ in root.value:
+        key = key_node.value
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{path}:{key_node.start_mark.line + 1}: unknown recipe key '{key}'{hint}")
+    return values
+
+
+def _check_value_types(parser: RecipeParser, recipe: dict, path: str) -> None:
+    """Convert string values the way argparse would, so a bad value is reported against the recipe, not the CLI."""
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in recipe.items():
+        action = actions.get(key)
+        if action is None or not isinstance(value, str) or not callable(action.type):
+            continue
+        try:
+            action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            kind = getattr(action.type, "__name__", "valid")
+            raise UserError(f"{path}: field '{key}': invalid value {value!r} ({kind} expected)") from None
+        if action.choices and value not in action.choices:
+            raise UserError(f"{path}: field '{key}': {value!r} is not one of {list(action.choices)}")
+
+
+def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, ModelConfig, dict]:
+    """Parse `RECIPE.yaml [--field value ...]`; returns the three argument objects and the explicitly set values."""
+    argv = rewrite_aliases(list(sys.argv[1:] if argv is None else argv))
+    recipe_path = None
+    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+        recipe_path = argv.pop(0)
+    elif "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise UserError("command line: --config needs a recipe path")
+        recipe_path = argv[at + 1]
+        del argv[at : at + 2]
+
+    recipe = load_recipe(recipe_path) if recipe_path else {}
+    for name, value in (recipe.pop("env", None) or {}).items():
+        os.environ[str(name)] = str(value)
+
+    parser = RecipeParser(DATACLASSES)
+    _check_value_types(parser, recipe, recipe_path)
+    parser.set_defaults_with_config(**recipe)
+    try:
+        data_args, training_args, model_args, unknown = parser.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True
+        )
+    except ValueError as exc:
+        where = recipe_path or "command line"
+        if "bf16" not in str(exc):
+            raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
+        # A dry run never trains, so it may check a GPU recipe's data on a laptop.
+        data_args, training_args, model_args, unknown = parser.parse_args_into_dataclasses(
+            [*argv, "--bf16", "false"], return_remaining_strings=True
+        )
+        if not data_args.dry_run:
+            raise UserError(
+                f"{where}: bf16 needs a GPU that supports it and none was found; on CPU use "
+                "recipes/gemma3_270m_belle_demo.yaml, or pass --bf16 false --dtype float32 --load_in_4bit false"
+            ) from None
+    if unknown:
+        flag = next((arg for arg in unknown if arg.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(flag.lstrip("-").split("=")[0], sorted(_known_fields()), n=1)
+        hint = f" (did you mean '--{close[0]}'?)" if close else ""
+        raise UserError(f"command line: unknown flag '{flag}'{hint}")
+
+    explicit = dict(recipe)
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=")[0]
+            for obj in (data_args, training_args, model_args):
+                if hasattr(obj, name):
+                    explicit[name] = getattr(obj, name)
+    resolved = {key: _plain(_current(key, data_args, training_args, model_args)) for key in explicit}
+    return data_args, training_args, model_args, resolved
+
+
+def _current(key, *objects):
+    for obj in objects:
+        if hasattr(obj, key):
+            return getattr(obj, key)
+    return None
+
+
+def _plain(value):
+    """A YAML-friendly copy of a parsed value (enums become their string values)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

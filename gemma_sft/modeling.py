@@ -1,0 +1,98 @@
+"""Loading the tokenizer (with our chat template) and the base model, quantized or not, with Gemma 3's pitfalls handled."""
+
+import os
+from pathlib import Path
+
+import torch
+
+from gemma_sft import REPO_ROOT, UserError, embedded
+
+DEFAULT_CHAT_TEMPLATE = REPO_ROOT / "chat_templates" / "gemma3.jinja"
+END_OF_TURN = "<end_of_turn>"
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """A local folder or Hub id; the embedded package name resolves to its converted, cached folder."""
+    if not name_or_path:
+        raise UserError("no model: set model_name_or_path in the recipe or pass --model_path")
+    if name_or_path == embedded.EMBEDDED_MODEL:
+        return str(embedded.model_dir())
+    return name_or_path
+
+
+def _fetch_error(what: str, name: str, exc: Exception) -> UserError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return UserError(
+        f"{what} '{name}': could not load it ({reason}). Offline? Download it on a connected machine "
+        "(`hf download " + name + "`) and set model_name_or_path (or --model_path) to the local folder; "
+        "in mainland China set HF_ENDPOINT to a Hub mirror; gated Gemma models also need `hf auth login`."
+    )
+
+
+def read_chat_template(path: str | os.PathLike | None) -> str:
+    candidates = [Path(path), REPO_ROOT / path] if path else [DEFAULT_CHAT_TEMPLATE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    raise UserError(f"{path}: chat template file not found")
+
+
+def load_tokenizer(model_path: str, chat_template_path: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise _fetch_error("tokenizer of", model_path, exc) from None
+    if END_OF_TURN not in tokenizer.get_vocab():
+        raise UserError(f"{model_path}: tokenizer has no {END_OF_TURN} token; is this a Gemma 3 model?")
+    tokenizer.chat_template = read_chat_template(chat_template_path)
+    return tokenizer
+
+
+def check_precision(training_args, model_args) -> None:
+    """Gemma 3 overflows in fp16; bf16 needs hardware support."""
+    if getattr(training_args, "fp16", False) or model_args.dtype == "float16":
+        raise UserError("fp16 overflows Gemma 3 (NaN losses): set bf16: true and dtype: bfloat16 instead")
+    wants_bf16 = training_args.bf16 or model_args.dtype == "bfloat16"
+    if wants_bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"bf16 is not supported by {torch.cuda.get_device_name()}: use an Ampere or newer GPU, "
+            "or set bf16: false and dtype: float32 (slow, but correct)"
+        )
+
+
+def load_model(model_path: str, model_args, tokenizer, training_args=None):
+    """The base model, 4-bit when the recipe asks, with <end_of_turn> as a stop token for generation."""
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
+
+    quantization_config = get_quantization_config(model_args)
+    device_map = None
+    if quantization_config is not None and torch.cuda.is_available():
+        # bitsandbytes places weights at load time: each process (DDP rank) gets a whole copy on its own GPU.
+        device_map = {"": PartialState().local_process_index}
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            revision=model_args.model_revision,
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation,
+            quantization_config=quantization_config,
+            device_map=device_map,
+        )
+    except OSError as exc:
+        raise _fetch_error("model", model_path, exc) from None
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    model.generation_config.eos_token_id = stop_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def resolve_tokenizer(name_or_path: str | None) -> str:
+    """Where to read the tokenizer: like `resolve_model`, but the embedded model's tokenizer needs no weight conversion."""
+    if name_or_path == embedded.EMBEDDED_MODEL:
+        return str(embedded.tokenizer_dir())
+    return resolve_model(name_or_path)

@@ -1,0 +1,117 @@
+"""The output directory: never clobber a finished adapter, resume interrupted runs, write the adapter atomically."""
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from gemma_sft import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"  # written last: its presence means the adapter is complete
+STAGING = ".adapter-staging"
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> str | None:
+    """Check the output directory before any expensive work; returns the checkpoint to resume from, if any."""
+    folder = Path(output_dir)
+    if (folder / ADAPTER_CONFIG).is_file() and not overwrite:
+        raise UserError(
+            f"{folder} already holds a finished adapter: choose another output_dir "
+            "or pass --overwrite_output_dir true to replace it"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write to the output directory ({exc.strerror or exc})") from None
+    checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if overwrite:
+        for old in folder.glob("checkpoint-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        return None
+    return checkpoint
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first NaN/inf loss or weight, before that step's checkpoint is written."""
+
+    def __init__(self):
+        self.tripped_at: int | None = None
+        self.what = ""
+
+    def _trip(self, state, control, what):
+        self.tripped_at, self.what = state.global_step, what
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        sums = [p.detach().float().abs().sum() for p in model.parameters() if p.requires_grad]
+        if sums and not bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all()):
+            self._trip(state, control, "the LoRA weights became NaN/inf")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                self._trip(state, control, f"the {key.replace('_', ' ')} became {value}")
+        return control
+
+    def raise_if_tripped(self, output_dir: str) -> None:
+        if self.tripped_at is None:
+            return
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+        raise UserError(
+            f"training stopped at step {self.tripped_at}: {self.what}; {kept}. "
+            "Lower learning_rate or max_grad_norm, check the data, and never train Gemma 3 in fp16"
+        )
+
+
+def _move_into_place(staging: Path, folder: Path) -> None:
+    """Replace the adapter file by file; its config goes first out and last in, so a crash leaves no complete-looking
+    adapter made of mixed files."""
+    (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
+    names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == ADAPTER_CONFIG)
+    for name in names:
+        target = folder / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+
+
+def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
+    folder = Path(output_dir)
+    staging = folder / STAGING
+    try:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+        trainer.save_model(str(staging))  # collective under FSDP: every rank takes part
+        if trainer.is_world_process_zero():
+            trainer.processing_class.save_pretrained(str(staging))
+            text = yaml.safe_dump(resolved_recipe, allow_unicode=True, sort_keys=False)
+            (staging / "recipe.yaml").write_text(
+                "# The recipe this adapter was trained with (recipe file and flags resolved).\n" + text,
+                encoding="utf-8",
+            )
+            _move_into_place(staging, folder)
+    except OSError as exc:
+        last = get_last_checkpoint(str(folder))
+        kept = f"; the last checkpoint is {last}" if last else ""
+        raise UserError(f"{folder}: could not write the adapter ({exc.strerror or exc}){kept}") from None
+
+
+def checkpoint_step(path: str) -> int:
+    match = re.search(r"checkpoint-(\d+)$", str(path))
+    return int(match.group(1)) if match else -1

@@ -1,0 +1,109 @@
+"""QLoRA instruction fine-tuning of Gemma 3 from a YAML recipe.
+
+    accelerate launch sft.py recipes/gemma3_belle.yaml                 # the mission: gemma-3-4b-it on 2,000 Belle rows
+    python sft.py recipes/gemma3_270m_belle_demo.yaml                  # embedded Gemma 3 270M, CPU-friendly demo
+    python sft.py recipes/gemma3_belle.yaml --data_path my.jsonl --dry_run   # check your data before paying for a GPU
+
+Every recipe key is a TRL field name (ScriptArguments, SFTConfig, ModelConfig) or one of the data fields in
+gemma_sft/config.py; flags override the recipe. The original tool's --model_path, --data_path, --epochs,
+--batch_size and --output_path still work.
+"""
+
+import json
+import sys
+
+from gemma_sft import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gemma_sft import config, data, modeling, outputs
+
+    ################
+    # Recipe
+    ################
+    data_args, training_args, model_args, resolved = config.parse(argv)
+    modeling.check_precision(training_args, model_args)
+    if not data_args.dry_run:
+        resume_from = outputs.prepare_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
+
+    ################
+    # Data: rows -> Gemma chat messages -> token ids with the answer mask
+    ################
+    tokenizer_path = modeling.resolve_tokenizer(model_args.model_name_or_path)
+    tokenizer = modeling.load_tokenizer(tokenizer_path, training_args.chat_template_path)
+    records = data.load_records(data_args.dataset_name, data_args.dataset_config, data_args.dataset_train_split)
+    prepared = data.prepare(
+        records,
+        data_args.dataset_name,
+        tokenizer,
+        max_samples=data_args.max_samples,
+        eval_samples=data_args.eval_samples,
+        max_length=training_args.max_length,
+        seed=training_args.seed,
+        system_prompt=data_args.system_prompt,
+        drop_overlong=data_args.drop_overlong,
+    )
+    summary, stats = data.summarize(prepared, tokenizer)
+    print(summary, flush=True)
+    if data_args.dry_run:
+        print(json.dumps(stats, ensure_ascii=False))
+        return 0
+
+    ################
+    # Model and trainer: TRL packs, collates and trains; PEFT adds LoRA on the language model only
+    ################
+    from datasets import Dataset
+    from trl import SFTTrainer, get_peft_config
+
+    model_path = modeling.resolve_model(model_args.model_name_or_path)
+    model = modeling.load_model(model_path, model_args, tokenizer)
+    guard = outputs.StopOnNonFiniteLoss()
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(prepared.train),
+        eval_dataset=Dataset.from_list(prepared.eval) if prepared.eval else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[guard],
+    )
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    trainer.accelerator.print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    ################
+    # Train (resuming from the last checkpoint when a previous run was interrupted)
+    ################
+    if resume_from:
+        trainer.accelerator.print(f"Resuming from {resume_from}")
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    guard.raise_if_tripped(training_args.output_dir)
+
+    ################
+    # Save: adapter (atomically), tokenizer with our chat template, resolved recipe, metrics
+    ################
+    metrics = {**result.metrics, "trainable_parameters": trainable, **stats_for_metrics(stats)}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    if prepared.eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+    outputs.save_adapter(trainer, training_args.output_dir, resolved)
+    trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}")
+    return 0
+
+
+def stats_for_metrics(stats: dict) -> dict:
+    return {"train_rows": stats["train_rows"], "eval_rows": stats["eval_rows"], "train_tokens": stats["train_tokens"]}
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
