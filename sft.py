@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     data_args, training_args, model_args, resolved = config.parse(argv)
     modeling.check_precision(training_args, model_args)
     if not data_args.dry_run:
-        resume_from = outputs.prepare_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
+        resume_from = outputs.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
 
     ################
     # Data: rows -> Gemma chat messages -> token ids with the answer mask
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import Dataset
     from trl import SFTTrainer, get_peft_config
 
+    outputs.create_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
     model_path = modeling.resolve_model(model_args.model_name_or_path)
     model = modeling.load_model(model_path, model_args, tokenizer)
     guard = outputs.StopOnNonFiniteLoss()

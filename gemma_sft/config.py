@@ -141,7 +141,7 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
         data_args, training_args, model_args, unknown = parser.parse_args_into_dataclasses(
             [*argv, "--bf16", "false"], return_remaining_strings=True
         )
-        if not data_args.dry_run:
+        if not data_args.dry_run and not unknown:  # an unknown flag is the clearer error
             raise UserError(
                 f"{where}: bf16 needs a GPU that supports it and none was found; on CPU use "
                 "recipes/gemma3_270m_belle_demo.yaml, or pass --bf16 false --dtype float32 --load_in_4bit false"

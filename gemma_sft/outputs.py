@@ -2,7 +2,6 @@
 
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -16,14 +15,27 @@ ADAPTER_CONFIG = "adapter_config.json"  # written last: its presence means the a
 STAGING = ".adapter-staging"
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool) -> str | None:
-    """Check the output directory before any expensive work; returns the checkpoint to resume from, if any."""
+def check_output_dir(output_dir: str, overwrite: bool) -> str | None:
+    """Vet the output directory before any expensive work, creating nothing; returns the checkpoint to resume from."""
     folder = Path(output_dir)
     if (folder / ADAPTER_CONFIG).is_file() and not overwrite:
         raise UserError(
             f"{folder} already holds a finished adapter: choose another output_dir "
             "or pass --overwrite_output_dir true to replace it"
         )
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: output_dir exists and is not a directory")
+    existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{folder}: cannot write there ({existing} is not writable)")
+    if overwrite or not folder.is_dir():
+        return None
+    return get_last_checkpoint(str(folder))
+
+
+def create_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Create the output directory (after the data passed its checks) and prove it takes a write."""
+    folder = Path(output_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -31,12 +43,9 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> str | None:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"{folder}: cannot write to the output directory ({exc.strerror or exc})") from None
-    checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    if overwrite:
+    if overwrite:  # a fresh run: old checkpoints must not be mistaken for this run's
         for old in folder.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
-        return None
-    return checkpoint
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
@@ -110,8 +119,3 @@ def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
         last = get_last_checkpoint(str(folder))
         kept = f"; the last checkpoint is {last}" if last else ""
         raise UserError(f"{folder}: could not write the adapter ({exc.strerror or exc}){kept}") from None
-
-
-def checkpoint_step(path: str) -> int:
-    match = re.search(r"checkpoint-(\d+)$", str(path))
-    return int(match.group(1)) if match else -1

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real Gemma 3 tokenizer (from the embedded 270M package) and tiny random Gemma 3 models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemma_sft import REPO_ROOT, embedded
+from gemma_sft.modeling import load_tokenizer
+
+SAMPLE = REPO_ROOT / "data" / "belle_sample_zh.jsonl"
+
+
+def tiny_text_config(**overrides):
+    from transformers import Gemma3TextConfig
+
+    values = dict(
+        vocab_size=262144,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=4096,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    values.update(overrides)
+    return Gemma3TextConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return embedded.tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer random Gemma3ForCausalLM with the real Gemma 3 tokenizer, saved like a Hub checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    Gemma3ForCausalLM(tiny_text_config()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def belle_rows(count: int, offset: int = 0) -> list[dict]:
+    """Small made-up arithmetic rows: cheap to train on, each answer determined by its question."""
+    rows = []
+    for i in range(offset, offset + count):
+        a, b = 3 + i % 17, 5 + (i * 7) % 23
+        rows.append({"instruction": f"计算 {a} 加 {b} 等于多少？", "input": "", "output": f"{a} + {b} = {a + b}。"})
+    return rows
+
+
+def run_script(*args, cwd=REPO_ROOT, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run one of the entry scripts in a fresh Python process, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+TINY_RECIPE_FLAGS = [
+    "--dtype", "float32", "--bf16", "false", "--load_in_4bit", "false",
+    "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+    "--max_length", "256", "--learning_rate", "5e-3", "--eval_samples", "2", "--max_samples", "0",
+    "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0",
+]  # fmt: skip
