@@ -19,16 +19,18 @@ def tiny_text_config(**overrides):
 
     values = dict(
         vocab_size=262144,
-        hidden_size=32,
-        intermediate_size=64,
+        # bitsandbytes' CPU 4-bit inference path needs every input width to be a multiple of 64 (its block size)
+        # and every output width a multiple of 32.
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
+        num_key_value_heads=2,
+        head_dim=32,
         max_position_embeddings=4096,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=16,
+        query_pre_attn_scalar=32,
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=1,

@@ -1,0 +1,162 @@
+"""End to end on a tiny random Gemma 3 with the real tokenizer: training changes the adapter, the saved adapter
+reproduces the trained model in a fresh process, packing keeps samples apart, and runs are never clobbered."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY_RECIPE_FLAGS, belle_rows, run_script, write_jsonl
+
+from gemma_sft import UserError, outputs
+from sft import main as sft_main
+
+DEMO = "recipes/gemma3_270m_belle_demo.yaml"
+PROBE = "<bos><start_of_turn>user\n计算 3 加 5 等于多少？<end_of_turn>\n<start_of_turn>model\n3 + 5 = 8。"
+
+RELOAD = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+base, adapter, four_bit, text = sys.argv[1:5]
+quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32) if four_bit == "1" else None
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quant)
+model = PeftModel.from_pretrained(model, adapter)
+if four_bit == "1":  # TRL trains QLoRA adapters in bf16 (after the QLoRA paper); PEFT loads them as fp32
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(torch.bfloat16)
+# bitsandbytes' CPU eval mode repacks 4-bit weights with bf16 scales (a different rounding than training, kept
+# after switching back): compare 4-bit models in train mode, with every dropout at 0
+model.train(four_bit == "1")
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+with torch.no_grad():
+    print(json.dumps(model(ids).logits[0, -5:].tolist()))
+"""
+
+
+def probe_logits(model, tokenizer, train_mode=False):
+    ids = tokenizer(PROBE, add_special_tokens=False, return_tensors="pt").input_ids
+    model.train(train_mode)
+    with torch.no_grad():
+        return model(ids.to(model.device)).logits[0, -5:].float().cpu()
+
+
+def train_in_process(monkeypatch, args):
+    """Run sft.main in this process and keep its trainer, to compare the trained model with the saved adapter."""
+    captured = {}
+    original = outputs.save_adapter
+
+    def keep_trainer(trainer, *rest):
+        captured["trainer"] = trainer
+        return original(trainer, *rest)
+
+    monkeypatch.setattr(outputs, "save_adapter", keep_trainer)
+    assert sft_main(args) == 0
+    return captured["trainer"]
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["lora-fp32", "qlora-nf4"])
+def test_training_changes_the_adapter_and_the_saved_adapter_reloads_identically(
+    tmp_path, monkeypatch, tiny_model_dir, four_bit
+):
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(24))
+    out = tmp_path / "out"
+    flags = [*TINY_RECIPE_FLAGS, "--num_train_epochs", "2"]
+    if four_bit:
+        flags += ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--use_bnb_nested_quant", "true",
+                  "--lora_dropout", "0", "--eval_samples", "0"]  # fmt: skip
+        # (no evaluation pass: on CPU it leaves the 4-bit scales rounded to bf16, see RELOAD)
+    trainer = train_in_process(
+        monkeypatch, [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out), *flags]
+    )
+
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: training moved it
+    expected = probe_logits(trainer.model, trainer.processing_class, train_mode=four_bit)
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml",
+                 "train_results.json", "trainer_state.json", "chat_template.jinja"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert (out / "eval_results.json").is_file() != four_bit
+    assert not (out / outputs.STAGING).exists()
+    assert "<end_of_turn>" in (out / "chat_template.jinja").read_text()
+    metrics = json.loads((out / "train_results.json").read_text())
+    assert metrics["trainable_parameters"] > 0 and metrics["train_rows"] == (24 if four_bit else 22)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[-1] < losses[0]
+
+    result = run_script("-c", RELOAD, tiny_model_dir, out, "1" if four_bit else "0", PROBE)
+    assert result.returncode == 0, result.stderr
+    reloaded = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(reloaded, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_packing_keeps_each_sample_to_itself(tiny_model_dir, tokenizer):
+    """Each sample's loss in a packed, padding-free batch equals its loss alone; a plain causal mask would differ."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from gemma_sft.data import tokenize
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    samples = []
+    for row in belle_rows(3):
+        encoded = tokenize(tokenizer, [{"role": "user", "content": row["instruction"]},
+                                       {"role": "assistant", "content": row["output"]}])  # fmt: skip
+        labels = [t if m else -100 for t, m in zip(encoded["input_ids"], encoded["assistant_masks"])]
+        samples.append({"input_ids": encoded["input_ids"], "labels": labels})
+
+    def summed_loss(input_ids, labels, **kwargs):
+        # use_cache=False as in TRL's compute_loss: with a cache object, transformers skips the per-sample mask
+        logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[0, :-1]
+        return torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="none")
+
+    alone = []
+    with torch.no_grad():
+        for sample in samples:
+            ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor([sample["labels"]])
+            alone.append(summed_loss(ids, labels).sum())
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(samples)
+        assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+        packed = summed_loss(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+        leaky = summed_loss(batch["input_ids"], batch["labels"])  # no position_ids: one long causal sequence
+
+    boundaries = torch.cumsum(torch.tensor([len(s["input_ids"]) for s in samples]), 0).tolist()
+    starts = [0, *boundaries[:-1]]
+    per_sample = [packed[start : end - 1].sum() for start, end in zip(starts, boundaries)]
+    per_sample_leaky = [leaky[start : end - 1].sum() for start, end in zip(starts, boundaries)]
+    torch.testing.assert_close(torch.stack(per_sample), torch.stack(alone), atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(torch.stack(per_sample_leaky[1:]), torch.stack(alone[1:]), atol=1e-3)
+
+
+def test_a_finished_adapter_is_never_overwritten_by_accident(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a finished adapter.*--overwrite_output_dir true"):
+        sft_main([DEMO, "--output_dir", str(out)])
+    assert outputs.check_output_dir(str(out), overwrite=True) is None
+
+
+def test_read_only_output_location_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="output_dir exists and is not a directory"):
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        outputs.check_output_dir(str(blocker), overwrite=False)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_no_adapter(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(24))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"training stopped at step \d+: the .* became (nan|inf|NaN)"):
+        sft_main([DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
+                  *TINY_RECIPE_FLAGS, "--learning_rate", "1e30", "--max_grad_norm", "0", "--num_train_epochs", "3"])  # fmt: skip
+    assert not (out / "adapter_config.json").exists()
+    for checkpoint in out.glob("checkpoint-*"):
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert all(math.isfinite(entry.get("loss", 0.0)) for entry in state["log_history"])
