@@ -31,18 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ################
     tokenizer_path = modeling.resolve_tokenizer(model_args.model_name_or_path)
     tokenizer = modeling.load_tokenizer(tokenizer_path, training_args.chat_template_path)
-    records = data.load_records(data_args.dataset_name, data_args.dataset_config, data_args.dataset_train_split)
-    prepared = data.prepare(
-        records,
-        data_args.dataset_name,
-        tokenizer,
-        max_samples=data_args.max_samples,
-        eval_samples=data_args.eval_samples,
-        max_length=training_args.max_length,
-        seed=training_args.seed,
-        system_prompt=data_args.system_prompt,
-        drop_overlong=data_args.drop_overlong,
-    )
+    prepared = data.prepare_from_settings(resolved, tokenizer)
     summary, stats = data.summarize(prepared, tokenizer)
     print(summary, flush=True)
     if data_args.dry_run:
@@ -92,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_state()
     outputs.save_adapter(trainer, training_args.output_dir, resolved)
     trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}")
+
+    ################
+    # Report: base vs adapter on the held-out rows (one process; sharded runs use evaluate.py afterwards)
+    ################
+    if prepared.eval and data_args.eval_report and trainer.accelerator.num_processes == 1:
+        from gemma_sft import evaluation
+
+        report = evaluation.compare(trainer.model, tokenizer, prepared.eval_messages, training_args.output_dir)
+        print(report["summary"])
+    elif prepared.eval and data_args.eval_report and trainer.is_world_process_zero():
+        print(f"Next: python evaluate.py --adapter {training_args.output_dir}")
     return 0
 
 

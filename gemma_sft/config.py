@@ -36,6 +36,10 @@ class DataArguments(ScriptArguments):
         default=True,
         metadata={"help": "Skip (and count) rows longer than max_length rather than cut off their answer."},
     )
+    eval_report: bool = field(
+        default=True,
+        metadata={"help": "After training, compare base and adapter on the held-out rows (output_dir/report.md)."},
+    )
     dry_run: bool = field(
         default=False, metadata={"help": "Check and tokenize the data, print a summary, exit without training."}
     )
@@ -45,6 +49,11 @@ class DataArguments(ScriptArguments):
 
 
 DATACLASSES = (DataArguments, SFTConfig, ModelConfig)
+# Always written to the resolved recipe, so the held-out rows can be drawn again (evaluate.py) from it alone.
+SAMPLING_KEYS = (
+    "dataset_name", "dataset_config", "dataset_train_split", "max_samples", "eval_samples", "max_length", "seed",
+    "system_prompt", "drop_overlong", "model_name_or_path",
+)  # fmt: skip
 
 
 class RecipeParser(TrlParser):
@@ -152,7 +161,7 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
         hint = f" (did you mean '--{close[0]}'?)" if close else ""
         raise UserError(f"command line: unknown flag '{flag}'{hint}")
 
-    explicit = dict(recipe)
+    explicit = dict(recipe) | dict.fromkeys(SAMPLING_KEYS)
     for arg in argv:
         if arg.startswith("--"):
             name = arg[2:].split("=")[0]

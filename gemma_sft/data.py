@@ -131,7 +131,7 @@ def read_hub(name: str, config: str | None, split: str) -> list[Record]:
         from datasets import load_dataset
 
         dataset = load_dataset(name, name=config, split=split)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "could not fetch"; say so in one line
+    except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"dataset '{name}': could not load it from the Hugging Face Hub ({reason[:200]}). "
@@ -338,6 +338,23 @@ def prepare(
         eval_messages=kept_messages[:eval_samples],
         train_messages=kept_messages[eval_samples:],
         skipped=skipped,
+    )
+
+
+def prepare_from_settings(settings: dict, tokenizer) -> PreparedData:
+    """Load and prepare the data a resolved recipe describes (see config.SAMPLING_KEYS)."""
+    source = settings["dataset_name"]
+    records = load_records(source, settings["dataset_config"], settings["dataset_train_split"])
+    return prepare(
+        records,
+        source,
+        tokenizer,
+        max_samples=settings["max_samples"],
+        eval_samples=settings["eval_samples"],
+        max_length=settings["max_length"],
+        seed=settings["seed"],
+        system_prompt=settings["system_prompt"],
+        drop_overlong=settings["drop_overlong"],
     )
 
 

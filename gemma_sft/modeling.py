@@ -1,4 +1,4 @@
-"""Loading the tokenizer (with our chat template) and the base model, quantized or not, with Gemma 3's pitfalls handled."""
+"""Loading the tokenizer (with our chat template) and the base model, quantized or not, minding Gemma 3's pitfalls."""
 
 import os
 from pathlib import Path
@@ -92,7 +92,47 @@ def load_model(model_path: str, model_args, tokenizer, training_args=None):
 
 
 def resolve_tokenizer(name_or_path: str | None) -> str:
-    """Where to read the tokenizer: like `resolve_model`, but the embedded model's tokenizer needs no weight conversion."""
+    """Like `resolve_model`, but the embedded model's tokenizer is ready without converting its weights."""
     if name_or_path == embedded.EMBEDDED_MODEL:
         return str(embedded.tokenizer_dir())
     return resolve_model(name_or_path)
+
+
+def read_adapter_recipe(adapter_dir: str | os.PathLike) -> dict:
+    """The resolved recipe saved next to an adapter (empty for adapters trained elsewhere)."""
+    import yaml
+
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"{folder}: no finished adapter here (adapter_config.json missing); train one with sft.py")
+    recipe = folder / "recipe.yaml"
+    return yaml.safe_load(recipe.read_text(encoding="utf-8")) or {} if recipe.is_file() else {}
+
+
+def load_for_inference(adapter_dir: str | os.PathLike, base: str | None = None):
+    """Base model + adapter for evaluation, chat and merging: 4-bit bf16 on a GPU as in training, fp32 on CPU."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    from trl import ModelConfig
+
+    recipe = read_adapter_recipe(adapter_dir)
+    adapter_config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    base = base or recipe.get("model_name_or_path") or adapter_config.get("base_model_name_or_path")
+    cuda = torch.cuda.is_available()
+    model_args = ModelConfig(
+        model_name_or_path=base,
+        dtype="bfloat16" if cuda else "float32",
+        attn_implementation=recipe.get("attn_implementation", "sdpa"),
+        load_in_4bit=bool(recipe.get("load_in_4bit")) and cuda,
+        bnb_4bit_quant_type=recipe.get("bnb_4bit_quant_type", "nf4"),
+        use_bnb_nested_quant=bool(recipe.get("use_bnb_nested_quant")),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # saved with our chat template
+    model = load_model(resolve_model(base), model_args, tokenizer)
+    if cuda and not model_args.load_in_4bit:
+        model.to("cuda")
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model, tokenizer, recipe

@@ -76,11 +76,17 @@ def belle_rows(count: int, offset: int = 0) -> list[dict]:
     return rows
 
 
-def run_script(*args, cwd=REPO_ROOT, timeout=600, env=None) -> subprocess.CompletedProcess:
+def run_script(*args, cwd=REPO_ROOT, timeout=600, env=None, input_text=None) -> subprocess.CompletedProcess:
     """Run one of the entry scripts in a fresh Python process, as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        input=input_text if input_text is not None else "",
     )
 
 
@@ -90,3 +96,19 @@ TINY_RECIPE_FLAGS = [
     "--max_length", "256", "--learning_rate", "5e-3", "--eval_samples", "2", "--max_samples", "0",
     "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0",
 ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished sft.py run on the tiny model (with its automatic base-vs-adapter report)."""
+    from sft import main as sft_main
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    data = write_jsonl(folder / "rows.jsonl", belle_rows(40))
+    out = folder / "adapter"
+    flags = list(TINY_RECIPE_FLAGS)
+    flags[flags.index("--eval_samples") + 1] = "6"
+    args = ["recipes/gemma3_270m_belle_demo.yaml", "--model_path", str(tiny_model_dir), "--data_path", str(data),
+            "--output_dir", str(out), "--num_train_epochs", "3", *flags]  # fmt: skip
+    assert sft_main(args) == 0
+    return out

@@ -118,8 +118,12 @@ def test_skips_are_counted_by_reason_and_sampling_is_seeded_and_disjoint(tmp_pat
 
 
 def test_overlong_rows_are_kept_when_dropping_is_off(tmp_path, tokenizer):
-    records = data.load_records(str(write_jsonl(tmp_path / "r.jsonl", [*belle_rows(3), {"instruction": "长" * 300, "output": "好"}])))
-    kept = data.prepare(records, "r", tokenizer, max_samples=0, eval_samples=0, max_length=64, seed=0, drop_overlong=False)
+    records = data.load_records(
+        str(write_jsonl(tmp_path / "r.jsonl", [*belle_rows(3), {"instruction": "长" * 300, "output": "好"}]))
+    )
+    kept = data.prepare(
+        records, "r", tokenizer, max_samples=0, eval_samples=0, max_length=64, seed=0, drop_overlong=False
+    )
     assert len(kept.train) == 4 and not kept.skipped
 
 
@@ -147,6 +151,9 @@ def test_user_mistakes_exit_2_with_one_line_and_no_output_dir(tmp_path):
     out = tmp_path / "out"
     result = run_script("sft.py", "recipes/gemma3_270m_belle_demo.yaml", "--data_path", bad, "--output_dir", out)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == f"error: {bad}:2: invalid JSON: Expecting property name enclosed in double quotes (column 36)"
+    assert (
+        result.stderr.strip()
+        == f"error: {bad}:2: invalid JSON: Expecting property name enclosed in double quotes (column 36)"
+    )
     assert "Traceback" not in result.stderr + result.stdout
     assert not out.exists()

@@ -20,7 +20,7 @@ def test_there_are_recipes_to_check():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
 def test_every_recipe_parses_with_only_known_keys(recipe):
     config.load_recipe(recipe)  # raises on unknown keys
-    data_args, training_args, model_args, resolved = config.parse([str(recipe), "--dry_run"])
+    _data_args, training_args, _model_args, resolved = config.parse([str(recipe), "--dry_run"])
     assert resolved["output_dir"] == training_args.output_dir
     assert training_args.chat_template_path == "chat_templates/gemma3.jinja"
     assert not training_args.fp16
@@ -44,7 +44,9 @@ def test_mission_recipe_keeps_the_original_tool_settings():
 def test_unknown_recipe_key_names_file_line_and_suggestion(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model_name_or_path: x\n\nlearning_rat: 0.1\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"bad\.yaml:3: unknown recipe key 'learning_rat' \(did you mean 'learning_rate'"):
+    with pytest.raises(
+        UserError, match=r"bad\.yaml:3: unknown recipe key 'learning_rat' \(did you mean 'learning_rate'"
+    ):
         config.parse([str(recipe)])
 
 
@@ -61,7 +63,7 @@ def test_bad_value_and_bad_yaml_are_reported_against_the_recipe(tmp_path):
 def test_command_line_overrides_the_recipe_and_unknown_flags_fail():
     _, args, _, resolved = config.parse([MISSION, "--num_train_epochs", "1", "--dry_run"])
     assert args.num_train_epochs == 1 and resolved["num_train_epochs"] == 1
-    with pytest.raises(UserError, match="unknown flag '--num_train_epoks'.*did you mean '--num_train_epochs'"):
+    with pytest.raises(UserError, match=r"unknown flag '--num_train_epoks'.*did you mean '--num_train_epochs'"):
         config.parse([MISSION, "--num_train_epoks", "1"])
 
 

@@ -70,7 +70,8 @@ def test_training_changes_the_adapter_and_the_saved_adapter_reloads_identically(
                   "--lora_dropout", "0", "--eval_samples", "0"]  # fmt: skip
         # (no evaluation pass: on CPU it leaves the 4-bit scales rounded to bf16, see RELOAD)
     trainer = train_in_process(
-        monkeypatch, [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out), *flags]
+        monkeypatch,
+        [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out), *flags],
     )
 
     lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
@@ -138,7 +139,7 @@ def test_a_finished_adapter_is_never_overwritten_by_accident(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")
-    with pytest.raises(UserError, match="already holds a finished adapter.*--overwrite_output_dir true"):
+    with pytest.raises(UserError, match=r"already holds a finished adapter.*--overwrite_output_dir true"):
         sft_main([DEMO, "--output_dir", str(out)])
     assert outputs.check_output_dir(str(out), overwrite=True) is None
 
@@ -155,7 +156,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_no_adapter(tmp_path, tiny_model
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"training stopped at step \d+: the .* became (nan|inf|NaN)"):
         sft_main([DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
-                  *TINY_RECIPE_FLAGS, "--learning_rate", "1e30", "--max_grad_norm", "0", "--num_train_epochs", "3"])  # fmt: skip
+                  *TINY_RECIPE_FLAGS, "--learning_rate", "1e30", "--max_grad_norm", "0",
+                  "--num_train_epochs", "3"])  # fmt: skip
     assert not (out / "adapter_config.json").exists()
     for checkpoint in out.glob("checkpoint-*"):
         state = json.loads((checkpoint / "trainer_state.json").read_text())

@@ -1,0 +1,136 @@
+"""Did the adapter help? Answer-token loss and perplexity for base and adapter, greedy generations side by side,
+the training loss curve, all in one markdown report."""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from gemma_sft.data import tokenize
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> dict:
+    """Mean cross-entropy over the supervised tokens (each answer and its <end_of_turn>), pooled over all rows."""
+    model.eval()
+    encoded = sorted((tokenize(tokenizer, messages) for messages in conversations), key=lambda e: len(e["input_ids"]))
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, e in enumerate(batch):
+            n = len(e["input_ids"])
+            ids[row, :n] = torch.tensor(e["input_ids"])
+            labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"])])
+            attention[row, :n] = 1
+        device = _device(model)
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+        shifted = labels[:, 1:].to(device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            shifted.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total_loss += losses.item()
+        total_tokens += int((shifted != -100).sum())
+    loss = total_loss / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens, "rows": len(encoded)}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 128) -> list[str]:
+    """Greedy answers to chat prompts (messages up to the last user turn), stopping at <end_of_turn>."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(_device(model))
+    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = output[:, batch["input_ids"].shape[1] :]
+    return [tokenizer.decode(answer, skip_special_tokens=True).strip() for answer in answers]
+
+
+def plot_loss_curve(trainer_state: Path, png: Path) -> bool:
+    """Training (and eval, when logged) loss against step, from the Trainer's log history."""
+    if not trainer_state.is_file():
+        return False
+    history = json.loads(trainer_state.read_text(encoding="utf-8")).get("log_history", [])
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and math.isfinite(h["loss"])]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    axis.plot(*zip(*train), label="train loss", marker="." if len(train) < 30 else None)
+    if evals:
+        axis.plot(*zip(*evals), label="eval loss", marker="o")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (answer tokens)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png)
+    plt.close(figure)
+    return True
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+def compare(
+    model, tokenizer, conversations, adapter_dir: Path, num_prompts: int = 5, max_new_tokens: int = 128
+) -> dict:
+    """Evaluate base (adapter disabled) and adapter on the same rows; write report.md and loss_curve.png."""
+    prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations[:num_prompts]]
+    references = [c[max(i for i, m in enumerate(c) if m["role"] == "assistant")]["content"] for c in conversations]
+    with model.disable_adapter():
+        base = answer_loss(model, tokenizer, conversations)
+        base_answers = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []
+    tuned = answer_loss(model, tokenizer, conversations)
+    tuned_answers = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []
+
+    adapter_dir = Path(adapter_dir)
+    has_curve = plot_loss_curve(adapter_dir / "trainer_state.json", adapter_dir / "loss_curve.png")
+    change = 100 * (tuned["loss"] - base["loss"]) / base["loss"]
+    lines = [
+        f"# Evaluation of `{adapter_dir}`",
+        "",
+        f"{base['rows']} held-out rows, {base['tokens']:,} answer tokens (each answer and its `<end_of_turn>`).",
+        "",
+        "| model | answer loss | perplexity |",
+        "|---|---|---|",
+        f"| base | {base['loss']:.4f} | {base['perplexity']:.2f} |",
+        f"| base + adapter | {tuned['loss']:.4f} | {tuned['perplexity']:.2f} |",
+        "",
+        f"Change in answer loss: {change:+.1f}%.",
+        "",
+    ]
+    if has_curve:
+        lines += ["![training loss](loss_curve.png)", ""]
+    if prompts:
+        lines += ["## Greedy generations", "", "| prompt | reference | base | base + adapter |", "|---|---|---|---|"]
+        for prompt, reference, before, after in zip(prompts, references, base_answers, tuned_answers):
+            lines.append(f"| {_cell(prompt[-1]['content'])} | {_cell(reference)} | {_cell(before)} | {_cell(after)} |")
+        lines.append("")
+    (adapter_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    results = {"base": base, "adapter": tuned, "loss_change_percent": change}
+    (adapter_dir / "eval_report.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    summary = (
+        f"Held-out answer loss: base {base['loss']:.4f} (ppl {base['perplexity']:.2f}) -> adapter "
+        f"{tuned['loss']:.4f} (ppl {tuned['perplexity']:.2f}), {change:+.1f}% over {base['tokens']:,} tokens; "
+        f"report: {adapter_dir / 'report.md'}"
+    )
+    return {**results, "summary": summary, "generations": list(zip(prompts, base_answers, tuned_answers))}

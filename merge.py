@@ -1,0 +1,67 @@
+"""Merge a LoRA adapter into a 16-bit copy of its base model and save a standalone model that plain transformers loads.
+
+    python merge.py --adapter outputs/gemma3-4b-belle-qlora --output outputs/gemma3-4b-belle-merged
+
+The base is loaded in bf16, never 4-bit: merging into quantized weights is lossy. The output gets the tokenizer with
+our chat template and <end_of_turn> as a stop token, and is written to a temporary folder first, then renamed.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from gemma_sft import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemma_sft import modeling
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="output_dir of a finished sft.py run")
+    parser.add_argument("--output", required=True, help="folder for the merged model (must not exist)")
+    parser.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise UserError(f"{output} already exists: choose another --output or pass --overwrite")
+    recipe = modeling.read_adapter_recipe(args.adapter)
+    base = args.base or recipe.get("model_name_or_path")
+    if not base:
+        raise UserError(f"{args.adapter}: no recipe.yaml naming the base model; pass --base")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(modeling.resolve_model(base), dtype=getattr(torch, args.dtype))
+    except OSError as exc:
+        raise UserError(f"base model '{base}': could not load it ({str(exc).splitlines()[0][:200]})") from None
+    tokenizer = AutoTokenizer.from_pretrained(args.adapter)
+    merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    merged.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+
+    staging = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"{output}: could not write the merged model ({exc.strerror or exc})") from None
+    print(f"Merged model saved to {output} ({args.dtype}); load it with AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
