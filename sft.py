@@ -41,22 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ################
     # Model and trainer: TRL packs, collates and trains; PEFT adds LoRA on the language model only
     ################
-    from datasets import Dataset
-    from trl import SFTTrainer, get_peft_config
-
     outputs.create_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
-    model_path = modeling.resolve_model(model_args.model_name_or_path)
-    model = modeling.load_model(model_path, model_args, tokenizer)
     guard = outputs.StopOnNonFiniteLoss()
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(prepared.train),
-        eval_dataset=Dataset.from_list(prepared.eval) if prepared.eval else None,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=[guard],
-    )
+    trainer = build_trainer(training_args, model_args, prepared, tokenizer, callbacks=[guard])
     trainable, total = trainer.model.get_nb_trainable_parameters()
     trainer.accelerator.print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
@@ -93,6 +80,25 @@ def main(argv: list[str] | None = None) -> int:
     elif prepared.eval and data_args.eval_report and trainer.is_world_process_zero():
         print(f"Next: python evaluate.py --adapter {training_args.output_dir}")
     return 0
+
+
+def build_trainer(training_args, model_args, prepared, tokenizer, callbacks=()):
+    """The base model (4-bit when the recipe asks) in TRL's SFTTrainer with the LoRA config; shared with bench/."""
+    from datasets import Dataset
+    from trl import SFTTrainer, get_peft_config
+
+    from gemma_sft import modeling
+
+    model = modeling.load_model(modeling.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(prepared.train),
+        eval_dataset=Dataset.from_list(prepared.eval) if prepared.eval else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=list(callbacks),
+    )
 
 
 def stats_for_metrics(stats: dict) -> dict:

@@ -97,7 +97,10 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
 
 def _read_json_lines(path: Path, text: str) -> list[Record]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and other characters that JSON strings may
+    # hold unescaped
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -1,5 +1,6 @@
 """The output directory: never clobber a finished adapter, resume interrupted runs, write the adapter atomically."""
 
+import json
 import math
 import os
 import shutil
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import yaml
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from gemma_sft import UserError
 
@@ -30,7 +30,23 @@ def check_output_dir(output_dir: str, overwrite: bool) -> str | None:
         raise UserError(f"{folder}: cannot write there ({existing} is not writable)")
     if overwrite or not folder.is_dir():
         return None
-    return get_last_checkpoint(str(folder))
+    return last_complete_checkpoint(folder)
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that was written to the end; a kill -9 during a save leaves a newer, partial one."""
+    steps = sorted(
+        (int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*") if path.name[11:].isdigit()
+    )
+    for _, path in reversed(steps):
+        if not (path / "adapter_model.safetensors").is_file():
+            continue
+        try:  # the Trainer writes its state last
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return str(path)
+    return None
 
 
 def create_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -79,7 +95,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
     def raise_if_tripped(self, output_dir: str) -> None:
         if self.tripped_at is None:
             return
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        last = last_complete_checkpoint(Path(output_dir))
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         raise UserError(
             f"training stopped at step {self.tripped_at}: {self.what}; {kept}. "
@@ -116,6 +132,6 @@ def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
             )
             _move_into_place(staging, folder)
     except OSError as exc:
-        last = get_last_checkpoint(str(folder))
+        last = last_complete_checkpoint(folder)
         kept = f"; the last checkpoint is {last}" if last else ""
         raise UserError(f"{folder}: could not write the adapter ({exc.strerror or exc}){kept}") from None

@@ -1,0 +1,282 @@
+"""Training-throughput benchmark for the mission recipe on one CUDA GPU (make bench).
+
+Builds the gemma-3-4b-it architecture (bench/gemma-3-4b-it.config.json) with random weights, writes Belle-like
+rows (prompt ~55 and answer ~180 tokens, lognormal, Chinese text drawn from our bundled sample) and trains each
+set-up below for a few steps through the same code path as sft.py (our data pipeline, TRL's SFTTrainer, PEFT,
+bitsandbytes). Each set-up runs in its own process so memory peaks and kernel patches do not leak between them.
+
+    python bench/bench.py                       # every set-up; results in bench/results.json and a table
+    python bench/bench.py --only ours original  # a subset
+
+Figures: trained tokens/s is the median over the steps after the warm-up steps (tokens that enter the model,
+all real: packing is padding-free and unpacked rows run at batch size 1); start-up is model load plus everything
+before the first timed step; MFU counts 4 FLOPs per trained token per weight of the language model's linear layers
+and its 262k-vocabulary head (forward + input-gradient backward; LoRA's own weight gradients, attention scores and
+recomputation are not counted), against the card's dense bf16 peak from its datasheet.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIG = ROOT / "bench" / "gemma-3-4b-it.config.json"
+MISSION = str(ROOT / "recipes" / "gemma3_belle.yaml")
+DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM parts
+MISSION_ROWS, MISSION_EPOCHS = 2000, 3
+
+LOWMEM = str(ROOT / "recipes" / "gemma3_belle_lowmem.yaml")
+DDP = ["--config_file", str(ROOT / "accelerate_configs" / "multi_gpu.yaml")]
+SDPA_NO_LIGER = ["--attn_implementation", "sdpa", "--use_liger_kernel", "false"]
+
+# name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
+SETUPS = {
+    "original": (
+        "original tool: batch 1 x accumulation 4, no packing, grad checkpointing, sdpa",
+        MISSION,
+        ["--packing", "false", "--max_length", "1024", *SDPA_NO_LIGER],
+        None,
+    ),
+    "pack4k": ("packing 4,096 tokens per row, sdpa", MISSION, ["--max_length", "4096", *SDPA_NO_LIGER], None),
+    "pack8k": ("packing 8,192 tokens per row, sdpa", MISSION, SDPA_NO_LIGER, None),
+    "pack8k_flex": (
+        "packing 8,192 + flex_attention (per-sample block mask)",
+        MISSION,
+        ["--use_liger_kernel", "false"],
+        None,
+    ),
+    "pack8k_liger": ("packing 8,192 + liger kernels, sdpa", MISSION, ["--attn_implementation", "sdpa"], None),
+    "ours": ("gemma3_belle.yaml as shipped: packing 8,192 + flex_attention + liger", MISSION, [], None),
+    "ours_nogc": ("as shipped, without grad checkpointing", MISSION, ["--gradient_checkpointing", "false"], None),
+    "lowmem": ("gemma3_belle_lowmem.yaml as shipped", LOWMEM, [], None),
+    "ours_ddp2": ("gemma3_belle.yaml as shipped, DDP on 2 GPUs", MISSION, [], [*DDP, "--num_processes", "2"]),
+}
+
+
+def linear_weights(config: dict) -> tuple[int, int]:
+    """Weights of the language model's linear layers and of its output head."""
+    t = config["text_config"]
+    h, inter, heads, kv, d = (
+        t["hidden_size"],
+        t["intermediate_size"],
+        t["num_attention_heads"],
+        t["num_key_value_heads"],
+        t["head_dim"],
+    )
+    per_layer = h * heads * d * 2 + h * kv * d * 2 + 3 * h * inter
+    return per_layer * t["num_hidden_layers"], h * t["vocab_size"]
+
+
+def flops_per_token(config: dict) -> float:
+    body, head = linear_weights(config)
+    return 4.0 * (body + head)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up: random checkpoint and Belle-like data
+# ---------------------------------------------------------------------------------------------------------------
+def build_checkpoint(folder: Path, tokenizer_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
+
+    raw = json.loads(CONFIG.read_text())
+    raw.pop("architectures")
+    torch.manual_seed(0)
+    start = time.time()
+    with torch.device("cuda"):
+        model = Gemma3ForConditionalGeneration(Gemma3Config(**raw)).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    print(f"random gemma-3-4b-it checkpoint written to {folder} in {time.time() - start:.0f}s", flush=True)
+
+
+def build_data(path: Path, rows: int = 3000, seed: int = 0) -> None:
+    """Belle-like rows: lognormal prompt/answer lengths, characters drawn from our bundled Chinese sample."""
+    rng = random.Random(seed)
+    sample = (ROOT / "data" / "belle_sample_zh.jsonl").read_text(encoding="utf-8")
+    chars = [c for c in sample if "\u4e00" <= c <= "\u9fff" or c in "，。：；！？0123456789"]
+
+    def text(mean: float) -> str:
+        length = max(4, int(rng.lognormvariate(math.log(mean) - 0.18, 0.6)))
+        return "".join(rng.choice(chars) for _ in range(length))
+
+    lines = [
+        json.dumps({"instruction": text(55), "input": "", "output": text(180)}, ensure_ascii=False)
+        for _ in range(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One set-up, in this process
+# ---------------------------------------------------------------------------------------------------------------
+def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: int) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from gemma_sft import config, data, modeling
+    from sft import build_trainer
+
+    started = time.time()
+    _, recipe, flags, _ = SETUPS[name]
+    _data_args, training_args, model_args, resolved = config.parse(
+        [recipe, *flags, "--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file),
+         "--output_dir", f"/tmp/bench-{name}", "--max_steps", str(steps), "--report_to", "none",
+         "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "1", "--eval_samples", "1",
+         "--overwrite_output_dir", "true"]
+    )  # fmt: skip
+    training_args.include_num_input_tokens_seen = "non_padding"
+    tokenizer = modeling.load_tokenizer(str(checkpoint), training_args.chat_template_path)
+    prepared = data.prepare_from_settings(resolved, tokenizer)
+    prepared.eval = []
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.tokens, self.losses, self.first_step_at = [], [], [], None
+            self._t0 = self._seen = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self._t0, self._seen = time.perf_counter(), state.num_input_tokens_seen
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._t0)
+            self.tokens.append(state.num_input_tokens_seen - self._seen)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(round(float(logs["loss"]), 4))
+
+    timer = Timer()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = build_trainer(training_args, model_args, prepared, tokenizer, callbacks=[timer])
+    trainer.train()
+    processes = trainer.accelerator.num_processes
+    if not trainer.is_world_process_zero():
+        return {}
+    steady = list(zip(timer.times[warmup:], timer.tokens[warmup:])) or list(zip(timer.times, timer.tokens))
+    rates = [tokens / seconds for seconds, tokens in steady]
+    card = torch.cuda.get_device_name()
+    peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in card), 989e12)
+    tok_s = statistics.median(rates)
+    raw = json.loads(CONFIG.read_text())
+    mission_tokens = (
+        MISSION_EPOCHS * sum(len(r["input_ids"]) for r in prepared.train) * MISSION_ROWS / len(prepared.train)
+    )
+    return {
+        "setup": name,
+        "description": SETUPS[name][0],
+        "card": card,
+        "processes": processes,
+        "tokens_per_s": round(tok_s),  # all processes together: the Trainer sums tokens seen across ranks
+        "tokens_per_s_per_gpu": round(tok_s / processes),
+        "tokens_per_step": round(statistics.median(t for _, t in steady)),
+        "startup_s": round(timer.first_step_at - started, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "mfu_percent": round(100 * tok_s / processes * flops_per_token(raw) / peak, 1),
+        "losses": timer.losses,
+        "step_s": [round(t, 3) for t in timer.times],
+        "mission_tokens": round(mission_tokens),
+        "mission_wall_s": round(timer.first_step_at - started + mission_tokens / tok_s),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------------
+def table(results: list[dict]) -> str:
+    lines = [
+        "| set-up | GPUs | tokens/s | tokens/s/GPU | tokens/step | start-up s | peak GiB | MFU % | mission wall s | "
+        "first -> last loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['setup']} | | failed: {r['error'][:60]} | | | | | | | |")
+            continue
+        loss = f"{r['losses'][0]} -> {r['losses'][-1]}" if r["losses"] else ""
+        lines.append(
+            f"| {r['setup']} | {r['processes']} | {r['tokens_per_s']:,} | {r['tokens_per_s_per_gpu']:,} | "
+            f"{r['tokens_per_step']:,} | {r['startup_s']} | {r['peak_gib']} | "
+            f"{r['mfu_percent']} | {r['mission_wall_s']:,} | {loss} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(SETUPS), help="run these set-ups only")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per set-up")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state figure")
+    parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/gemma-sft-bench"))
+    parser.add_argument("--tokenizer", help="folder with the Gemma 3 tokenizer (default: the embedded one)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one set-up in this process
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    checkpoint, data_file = work / "gemma-3-4b-it-random", work / "belle_like.jsonl"
+    if args.run:
+        result = run_one(args.run, checkpoint, data_file, args.steps, args.warmup)
+        if result:  # rank 0 only
+            print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    work.mkdir(parents=True, exist_ok=True)
+    if not data_file.exists():
+        build_data(data_file)
+    if not checkpoint.exists():
+        from gemma_sft import embedded
+
+        build_checkpoint(checkpoint, Path(args.tokenizer) if args.tokenizer else embedded.tokenizer_dir())
+    results = []
+    for name in args.only or list(SETUPS):
+        steps = min(args.steps, 8) if name == "original" else args.steps  # ~1 s per 4 short rows: keep it short
+        launcher = SETUPS[name][3]
+        prefix = (
+            [sys.executable] if launcher is None else [sys.executable, "-m", "accelerate.commands.launch", *launcher]
+        )
+        command = [*prefix, __file__, "--run", name, "--steps", str(steps), "--warmup", str(args.warmup),
+                   "--work", str(work)]  # fmt: skip
+        print(f"== {name}: {SETUPS[name][0]}", flush=True)
+        if launcher is not None and torch.cuda.device_count() < 2:
+            results.append({"setup": name, "error": "needs 2 GPUs"})
+            continue
+        env = (
+            os.environ
+            if launcher
+            else {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+        )
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if found:
+            results.append(json.loads(found[-1][7:]))
+        else:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append({"setup": name, "error": tail})
+            print(proc.stderr[-3000:], file=sys.stderr)
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print("\n" + table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Nothing lost: a killed run resumes to the same adapter, and hostile data never escapes as a traceback."""
+
+import json
+import signal
+import string
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_RECIPE_FLAGS, belle_rows, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from gemma_sft import UserError, data, outputs
+
+DEMO = "recipes/gemma3_270m_belle_demo.yaml"
+
+
+def _train_command(model, rows, out):
+    flags = [f for f in TINY_RECIPE_FLAGS]
+    flags[flags.index("--save_strategy") + 1] = "steps"
+    flags[flags.index("--max_length") + 1] = "96"
+    return [sys.executable, "sft.py", DEMO, "--model_path", str(model), "--data_path", str(rows), "--output_dir",
+            str(out), *flags, "--save_steps", "3", "--save_total_limit", "2", "--num_train_epochs", "3",
+            "--eval_report", "false"]  # fmt: skip
+
+
+def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(tmp_path, tiny_model_dir):
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(40))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = subprocess.run(
+        _train_command(tiny_model_dir, rows, straight), cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    total_steps = json.loads((straight / "trainer_state.json").read_text())["global_step"]
+    assert total_steps >= 9
+
+    victim = subprocess.Popen(_train_command(tiny_model_dir, rows, resumed), cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while outputs.last_complete_checkpoint(resumed) is None and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    interrupted_at = outputs.last_complete_checkpoint(resumed)
+    assert interrupted_at is not None and not (resumed / "adapter_config.json").exists()
+    assert int(interrupted_at.rsplit("-", 1)[1]) < total_steps
+
+    again = subprocess.run(
+        _train_command(tiny_model_dir, rows, resumed), cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Resuming from {interrupted_at}" in again.stdout
+    expected = load_file(straight / "adapter_model.safetensors")
+    actual = load_file(resumed / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_partial_checkpoints_are_skipped_when_resuming(tmp_path):
+    good, partial = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8"
+    for folder in (good, partial):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+    (good / "trainer_state.json").write_text("{}")
+    (partial / "trainer_state.json").write_text('{"global_st')  # killed while writing
+    assert outputs.last_complete_checkpoint(tmp_path) == str(good)
+    assert outputs.check_output_dir(str(tmp_path), overwrite=False) == str(good)
+
+
+def test_fp16_is_refused_with_a_pointer_to_bf16():
+    from sft import main as sft_main
+
+    with pytest.raises(UserError, match="fp16 overflows Gemma 3.*bf16"):
+        sft_main([DEMO, "--fp16", "true", "--use_cpu", "true", "--dry_run"])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Hostile data: random JSON shapes, unicode, control characters, BOMs, CRLF, invalid bytes, huge strings
+# -----------------------------------------------------------------------------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=12,
+)
+field_names = st.sampled_from(["instruction", "input", "output", "text", "prompt", "completion", "messages", "role"])
+rows = st.dictionaries(field_names, json_values | st.text(), max_size=5) | json_values
+nasty_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=200) | st.sampled_from(
+    ["\x00\x01\x1b[31m", "\u202e反转", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 😀", "### 回答:", "a" * 20000, "\r\n", "\ufeff"]
+)
+
+
+def _load_and_prepare(path, tokenizer):
+    records = data.load_records(str(path))
+    return data.prepare(records, str(path), tokenizer, max_samples=0, eval_samples=0, max_length=64, seed=0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(rows, min_size=1, max_size=6), bom=st.booleans(), crlf=st.booleans())
+def test_random_json_rows_give_a_clear_error_or_counted_skips(tmp_path, tokenizer, lines, bom, crlf):
+    text = "\n".join(json.dumps(line, ensure_ascii=False) for line in lines)
+    text = ("\ufeff" if bom else "") + (text.replace("\n", "\r\n") if crlf else text)
+    path = tmp_path / "hostile.jsonl"
+    path.write_text(text, encoding="utf-8")
+    try:
+        prepared = _load_and_prepare(path, tokenizer)
+    except UserError as error:
+        message = str(error)
+        assert "\n" not in message and str(path) in message
+        return
+    counted = len(prepared.train) + sum(prepared.skipped.values())
+    assert counted == prepared.rows_read == len(lines)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(instruction=nasty_text, extra=nasty_text, answer=nasty_text)
+def test_any_text_in_belle_rows_is_kept_or_skipped_never_crashes(tmp_path, tokenizer, instruction, extra, answer):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"instruction": instruction, "input": extra, "output": answer}])
+    try:
+        prepared = _load_and_prepare(path, tokenizer)
+    except UserError as error:
+        assert "only 0 usable rows" in str(error)  # everything skipped, and said so
+        return
+    row = prepared.train[0]
+    assert row["input_ids"][0] == tokenizer.bos_token_id and sum(row["assistant_masks"]) >= 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(max_size=300), suffix=st.sampled_from([".json", ".jsonl"]))
+def test_arbitrary_bytes_never_escape_as_a_traceback(tmp_path, tokenizer, blob, suffix):
+    path = tmp_path / f"bytes{suffix}"
+    path.write_bytes(blob)
+    try:
+        _load_and_prepare(path, tokenizer)
+    except UserError as error:
+        assert str(path) in str(error) and "\n" not in str(error)
+
+
+def test_printable_garbage_lines_report_their_line_number(tmp_path, tokenizer):
+    path = tmp_path / "garbage.jsonl"
+    path.write_text(json.dumps(belle_rows(1)[0]) + "\n" + string.punctuation + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"garbage\.jsonl:2: invalid JSON"):
+        _load_and_prepare(path, tokenizer)
