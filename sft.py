@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     outputs.create_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
     guard = outputs.StopOnNonFiniteLoss()
     trainer = build_trainer(training_args, model_args, prepared, tokenizer, callbacks=[guard])
+    if trainer.accelerator.num_processes > 1 and trainer.accelerator.distributed_type == "NO":
+        raise UserError(
+            "several processes were launched but accelerate set up no data parallelism, so each would train its "
+            "own adapter: on CPU pass --use_cpu true; on GPUs check CUDA_VISIBLE_DEVICES"
+        )
     trainable, total = trainer.model.get_nb_trainable_parameters()
     trainer.accelerator.print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 

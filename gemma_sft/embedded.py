@@ -4,6 +4,7 @@ The GGUF file is dequantized once into a plain bf16 Hugging Face folder (weights
 every later load is an ordinary `from_pretrained` of a local path. The GGUF ships no chat template: ours is used.
 """
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -28,19 +29,21 @@ def _gguf_file() -> Path:
 
 
 def _publish(build, target: Path) -> Path:
-    """Build into a temporary sibling folder, then rename it into place: a crash never leaves a half-written cache."""
+    """Build into a temporary sibling folder, then rename it into place: a crash never leaves a half-written cache.
+    A lock file makes concurrent first uses (parallel tests, several ranks) build it once."""
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not target.is_dir():  # another process may have won the race; anything else is a real failure
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build(staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

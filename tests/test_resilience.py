@@ -19,8 +19,12 @@ from gemma_sft import UserError, data, outputs
 DEMO = "recipes/gemma3_270m_belle_demo.yaml"
 
 
+def _train(model, rows, out) -> subprocess.CompletedProcess:
+    return subprocess.run(_train_command(model, rows, out), cwd=REPO_ROOT, capture_output=True, text=True)
+
+
 def _train_command(model, rows, out):
-    flags = [f for f in TINY_RECIPE_FLAGS]
+    flags = list(TINY_RECIPE_FLAGS)
     flags[flags.index("--save_strategy") + 1] = "steps"
     flags[flags.index("--max_length") + 1] = "96"
     return [sys.executable, "sft.py", DEMO, "--model_path", str(model), "--data_path", str(rows), "--output_dir",
@@ -75,7 +79,7 @@ def test_partial_checkpoints_are_skipped_when_resuming(tmp_path):
 def test_fp16_is_refused_with_a_pointer_to_bf16():
     from sft import main as sft_main
 
-    with pytest.raises(UserError, match="fp16 overflows Gemma 3.*bf16"):
+    with pytest.raises(UserError, match=r"fp16 overflows Gemma 3.*bf16"):
         sft_main([DEMO, "--fp16", "true", "--use_cpu", "true", "--dry_run"])
 
 

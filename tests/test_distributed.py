@@ -1,0 +1,65 @@
+"""A 2-process data-parallel run (gloo, CPU) through `accelerate launch`: both ranks end with the same adapter,
+and the adapter is saved once. On CPU, `--use_cpu true` is what makes accelerate pick its multi-CPU (gloo) mode."""
+
+import torch
+from conftest import REPO_ROOT, TINY_RECIPE_FLAGS, belle_rows, run_script, write_jsonl
+from safetensors.torch import load_file
+
+# Runs sft.main in each process and, at save time, also writes this rank's LoRA weights for the test to compare.
+WRAPPER = """
+import sys
+sys.path.insert(0, {root!r})
+from safetensors.torch import save_file
+from gemma_sft import outputs
+import sft
+
+original = outputs.save_adapter
+
+def save_and_dump(trainer, output_dir, recipe):
+    lora = {{n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if "lora_" in n}}
+    print("WRAPPED", type(trainer.model_wrapped).__name__, flush=True)
+    save_file(lora, f"{{output_dir}}/../rank{{trainer.accelerator.process_index}}.safetensors")
+    original(trainer, output_dir, recipe)
+
+outputs.save_adapter = save_and_dump
+sys.exit(sft.main(sys.argv[1:]))
+"""
+
+
+def test_two_process_ddp_trains_one_adapter(tmp_path, tiny_model_dir):
+    wrapper = tmp_path / "ddp_sft.py"
+    wrapper.write_text(WRAPPER.format(root=str(REPO_ROOT)), encoding="utf-8")
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(40))
+    out = tmp_path / "run" / "adapter"
+    result = run_script(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        wrapper, "recipes/gemma3_270m_belle_demo.yaml", "--model_path", tiny_model_dir, "--data_path", rows,
+        "--output_dir", out, *TINY_RECIPE_FLAGS, "--num_train_epochs", "2", "--ddp_backend", "gloo", "--use_cpu", "true",
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("WRAPPED DistributedDataParallel") == 2
+    assert "Next: python evaluate.py" in result.stdout  # the in-process report is left to evaluate.py
+    rank0, rank1 = (load_file(tmp_path / "run" / f"rank{i}.safetensors") for i in (0, 1))
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0)
+    assert any(t.abs().sum() > 0 for n, t in rank0.items() if "lora_B" in n)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert len(saved) == len(rank0)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["adapter", "rank0.safetensors", "rank1.safetensors"]
+
+
+def test_processes_without_data_parallelism_are_refused(tmp_path, tiny_model_dir):
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
+    result = run_script(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        "sft.py", "recipes/gemma3_270m_belle_demo.yaml", "--model_path", tiny_model_dir, "--data_path", rows,
+        "--output_dir", tmp_path / "out", *TINY_RECIPE_FLAGS, "--ddp_backend", "gloo",
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "each would train its own adapter: on CPU pass --use_cpu true" in result.stderr
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
