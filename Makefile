@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 install: $(VENV)/.installed  ## create .venv/ from the pinned requirements.txt
 
 train: install  ## fine-tune: the mission recipe on a CUDA GPU, the embedded 270M demo otherwise (RECIPE=... to choose)
-	$(VENV)/bin/accelerate launch sft.py $(or $(RECIPE),$(shell $(PY) -m gemma_sft.hardware))
+	$(shell $(PY) -m gemma_sft.hardware $(RECIPE))
 
 demo: install  ## the CPU demo end to end: train the 270M, then evaluate it
 	$(PY) sft.py recipes/gemma3_270m_belle_demo.yaml

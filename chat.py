@@ -10,9 +10,8 @@ In the chat: /reset clears the conversation, /base and /adapter switch models, /
 
 import argparse
 import contextlib
-import sys
 
-from gemma_sft import UserError
+from gemma_sft import run
 
 COMMANDS = "/reset clears the conversation, /base and /adapter switch models, /exit quits"
 
@@ -79,11 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print()
-        sys.exit(130)
+    run(main)

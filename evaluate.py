@@ -7,9 +7,8 @@ Writes ADAPTER/report.md, ADAPTER/eval_report.json and ADAPTER/loss_curve.png.
 """
 
 import argparse
-import sys
 
-from gemma_sft import UserError
+from gemma_sft import UserError, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -8,10 +8,9 @@ our chat template and <end_of_turn> as a stop token, and is written to a tempora
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-from gemma_sft import UserError
+from gemma_sft import UserError, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -10,9 +10,8 @@ gemma_sft/config.py; flags override the recipe. The original tool's --model_path
 """
 
 import json
-import sys
 
-from gemma_sft import UserError
+from gemma_sft import UserError, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,11 +110,4 @@ def stats_for_metrics(stats: dict) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
+    run(main, on_interrupt="interrupted: re-run the same command to resume from the last checkpoint")

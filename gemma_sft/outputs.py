@@ -54,7 +54,7 @@ def create_output_dir(output_dir: str, overwrite: bool) -> None:
     folder = Path(output_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"  # one per process: ranks probe at once
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:

@@ -157,3 +157,14 @@ def test_user_mistakes_exit_2_with_one_line_and_no_output_dir(tmp_path):
     )
     assert "Traceback" not in result.stderr + result.stdout
     assert not out.exists()
+
+
+def test_unreachable_hub_names_what_failed_and_how_to_go_local(monkeypatch, tmp_path):
+    from gemma_sft import modeling
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with pytest.raises(UserError, match=r"dataset 'BelleGroup/train_0\.5M_CN': could not load it .*local"):
+        data.load_records("BelleGroup/train_0.5M_CN")
+    with pytest.raises(UserError, match=r"'google/gemma-3-4b-it': could not load it .*model_name_or_path"):
+        modeling.load_tokenizer("google/gemma-3-4b-it")

@@ -35,7 +35,8 @@ def test_two_process_ddp_trains_one_adapter(tmp_path, tiny_model_dir):
         "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
         wrapper, "recipes/gemma3_270m_belle_demo.yaml", "--model_path", tiny_model_dir, "--data_path", rows,
-        "--output_dir", out, *TINY_RECIPE_FLAGS, "--num_train_epochs", "2", "--ddp_backend", "gloo", "--use_cpu", "true",
+        "--output_dir", out, *TINY_RECIPE_FLAGS, "--num_train_epochs", "2", "--ddp_backend", "gloo",
+        "--use_cpu", "true",
         env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -33,9 +33,10 @@ def test_demo_recipe_trains_an_adapter_that_beats_the_base_on_held_out_rows(tmp_
 
     out = tmp_path / "demo"
     args = ["recipes/gemma3_270m_belle_demo.yaml", "--output_dir", str(out), "--max_samples", "64",
-            "--eval_samples", "16", "--max_length", "512", "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
+            "--eval_samples", "16", "--max_length", "512", "--save_strategy", "no"]  # fmt: skip
     assert sft_main(args) == 0
     report = json.loads((out / "eval_report.json").read_text())
     assert report["adapter"]["rows"] == 16
     assert report["adapter"]["loss"] < 0.9 * report["base"]["loss"]
     assert "## Greedy generations" in (out / "report.md").read_text()
+    assert list((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard logs, the recipe's default

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_script
 
 from gemma_sft import REPO_ROOT, UserError, config
-from gemma_sft.hardware import DEMO, MISSION, default_recipe
+from gemma_sft.hardware import DEMO, MISSION, SINGLE_GPU, default_recipe, train_command
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 
@@ -76,10 +77,18 @@ def test_original_tool_flags_are_aliases():
     assert args.num_train_epochs == 2 and args.per_device_train_batch_size == 8 and args.output_dir == "out"
 
 
-def test_make_train_picks_the_recipe_by_hardware():
+def test_make_train_picks_the_recipe_and_launcher_by_hardware():
     assert default_recipe(has_cuda=True) == MISSION
     assert default_recipe(has_cuda=False) == DEMO
     assert Path(REPO_ROOT / MISSION).is_file() and Path(REPO_ROOT / DEMO).is_file()
+    gpu = train_command(None, has_cuda=True)
+    assert gpu[1:] == ["-m", "accelerate.commands.launch", "--config_file", SINGLE_GPU, "sft.py", MISSION]
+    assert (REPO_ROOT / SINGLE_GPU).is_file()
+    assert train_command(None, has_cuda=False)[1:] == ["sft.py", DEMO]
+    assert train_command("recipes/x.yaml", has_cuda=False)[-1] == "recipes/x.yaml"
+    result = run_script("-m", "gemma_sft.hardware")
+    assert result.returncode == 0 and "make train: recipes/gemma3_270m_belle_demo.yaml (no CUDA GPU" in result.stderr
+    assert result.stdout.strip().endswith("sft.py recipes/gemma3_270m_belle_demo.yaml")
 
 
 def test_lora_targets_the_language_model_only_with_the_expected_parameter_count():

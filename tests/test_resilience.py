@@ -149,3 +149,66 @@ def test_printable_garbage_lines_report_their_line_number(tmp_path, tokenizer):
     path.write_text(json.dumps(belle_rows(1)[0]) + "\n" + string.punctuation + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"garbage\.jsonl:2: invalid JSON"):
         _load_and_prepare(path, tokenizer)
+
+
+class _FakeTrainer:
+    """Just enough of a Trainer for save_adapter: writes an adapter like PEFT does, or fails like a full disk."""
+
+    def __init__(self, fail_on=None):
+        self.fail_on = fail_on
+        self.processing_class = self
+
+    def is_world_process_zero(self):
+        return True
+
+    def save_model(self, folder):
+        from pathlib import Path
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"new weights")
+        if self.fail_on == "save_model":
+            raise OSError(28, "No space left on device")
+        (Path(folder) / "adapter_config.json").write_text("{}")
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def test_a_full_disk_during_the_final_save_is_a_clear_error_and_no_complete_looking_adapter(tmp_path):
+    with pytest.raises(UserError, match="could not write the adapter \\(No space left on device\\)"):
+        outputs.save_adapter(_FakeTrainer(fail_on="save_model"), str(tmp_path), {"seed": 1})
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_a_crash_while_moving_the_adapter_in_leaves_no_config(tmp_path, monkeypatch):
+    (tmp_path / "adapter_config.json").write_text('{"old": true}')  # an earlier adapter being replaced
+    real_replace = outputs.os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", crash_on_second)
+    with pytest.raises(UserError, match="could not write the adapter"):
+        outputs.save_adapter(_FakeTrainer(), str(tmp_path), {"seed": 1})
+    assert not (tmp_path / "adapter_config.json").exists()  # old config removed first, new one never moved in
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    outputs.save_adapter(_FakeTrainer(), str(tmp_path), {"seed": 1})
+    assert (tmp_path / "adapter_config.json").read_text() == "{}"
+    assert (tmp_path / "recipe.yaml").read_text().endswith("seed: 1\n")
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    from trl import ModelConfig, SFTConfig
+
+    from gemma_sft import modeling
+
+    monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(modeling.torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(modeling.torch.cuda, "get_device_name", lambda: "Tesla T4")
+    args = SFTConfig(output_dir="unused", bf16=False, use_cpu=True)
+    with pytest.raises(UserError, match="bf16 is not supported by Tesla T4"):
+        modeling.check_precision(args, ModelConfig(dtype="bfloat16"))
