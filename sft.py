@@ -10,6 +10,7 @@ gemma_sft/config.py; flags override the recipe. The original tool's --model_path
 """
 
 import json
+import os
 
 from gemma_sft import UserError, run
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = modeling.load_tokenizer(tokenizer_path, training_args.chat_template_path)
     prepared = data.prepare_from_settings(resolved, tokenizer)
     summary, stats = data.summarize(prepared, tokenizer)
-    print(summary, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process under accelerate launch
+        print(summary, flush=True)
     if data_args.dry_run:
         print(json.dumps(stats, ensure_ascii=False))
         return 0

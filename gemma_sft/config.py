@@ -57,7 +57,11 @@ SAMPLING_KEYS = (
 
 
 class RecipeParser(TrlParser):
-    """TrlParser whose errors are one clear line instead of a usage dump."""
+    """TrlParser whose errors are one clear line instead of a usage dump, and which takes no abbreviated flags
+    (`--num_train_epoch` is a typo to report, not a prefix to guess from)."""
+
+    def __init__(self, dataclass_types):
+        super().__init__(dataclass_types, allow_abbrev=False)
 
     def error(self, message):
         raise UserError(f"command line: {message}")
@@ -161,22 +165,12 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
         hint = f" (did you mean '--{close[0]}'?)" if close else ""
         raise UserError(f"command line: unknown flag '{flag}'{hint}")
 
-    explicit = dict(recipe) | dict.fromkeys(SAMPLING_KEYS)
-    for arg in argv:
-        if arg.startswith("--"):
-            name = arg[2:].split("=")[0]
-            for obj in (data_args, training_args, model_args):
-                if hasattr(obj, name):
-                    explicit[name] = getattr(obj, name)
-    resolved = {key: _plain(_current(key, data_args, training_args, model_args)) for key in explicit}
+    # the recipe's keys, then the flags given, with their final values (flags win)
+    flags = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--")]
+    owners = {key: obj for obj in (model_args, training_args, data_args) for key in vars(obj)}
+    keys = dict.fromkeys([*recipe, *SAMPLING_KEYS, *flags])
+    resolved = {key: _plain(getattr(owners[key], key)) for key in keys if key in owners}
     return data_args, training_args, model_args, resolved
-
-
-def _current(key, *objects):
-    for obj in objects:
-        if hasattr(obj, key):
-            return getattr(obj, key)
-    return None
 
 
 def _plain(value):

@@ -66,6 +66,8 @@ def test_command_line_overrides_the_recipe_and_unknown_flags_fail():
     assert args.num_train_epochs == 1 and resolved["num_train_epochs"] == 1
     with pytest.raises(UserError, match=r"unknown flag '--num_train_epoks'.*did you mean '--num_train_epochs'"):
         config.parse([MISSION, "--num_train_epoks", "1"])
+    with pytest.raises(UserError, match=r"unknown flag '--num_train_epoch'"):  # no guessing from prefixes
+        config.parse([MISSION, "--num_train_epoch", "1"])
 
 
 def test_original_tool_flags_are_aliases():
