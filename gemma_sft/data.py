@@ -384,7 +384,9 @@ def summarize(data: PreparedData, tokenizer) -> tuple[str, dict]:
     }
     skipped = ", ".join(f"{count} {reason}" for reason, count in data.skipped.items()) or "none"
     t = stats["tokens_per_row"]
-    example = tokenizer.decode(data.train[0]["input_ids"])
+    first = data.train[0]
+    example = tokenizer.decode(first["input_ids"])
+    trained = tokenizer.decode([t for t, m in zip(first["input_ids"], first["assistant_masks"]) if m])
     text = "\n".join(
         [
             f"Data: {data.source} ({FORMATS[data.format]})",
@@ -393,6 +395,8 @@ def summarize(data: PreparedData, tokenizer) -> tuple[str, dict]:
             f"mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, max {t['max']}",
             "  first training example as the model sees it:",
             *("    | " + line for line in example.splitlines()),
+            "  of which the loss covers (answer and <end_of_turn>):",
+            *("    > " + line for line in trained.splitlines()),
         ]
     )
     return text, stats

@@ -1,6 +1,8 @@
 """The chat template renders the official Gemma 3 text and supervises exactly each answer plus its <end_of_turn>."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gemma_sft.data import tokenize
 
@@ -72,3 +74,34 @@ def test_exactly_the_answers_and_their_end_of_turn_are_supervised(tokenizer, mes
     for position, token in enumerate(ids):
         if token == 106 and mask[position]:
             assert mask[position + 1] == 0
+
+
+# The official template as shipped by google/gemma-3-*-it, which TRL's package carries: our rendering must match it
+# byte for byte on any conversation (the {% generation %} markers render as nothing).
+def _official_template() -> str:
+    from importlib.resources import files
+
+    return files("trl").joinpath("chat_templates", "gemma3.jinja").read_text(encoding="utf-8")
+
+
+text_parts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30)
+contents = text_parts | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text_parts}), min_size=1,
+                                 max_size=3)  # fmt: skip
+
+
+@st.composite
+def conversations(draw):
+    messages = [{"role": "system", "content": draw(text_parts)}] if draw(st.booleans()) else []
+    for turn in range(draw(st.integers(1, 4))):
+        messages.append({"role": "user" if turn % 2 == 0 else "assistant", "content": draw(contents)})
+    return messages
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=conversations(), generation_prompt=st.booleans())
+def test_rendering_matches_the_official_template_on_any_conversation(tokenizer, messages, generation_prompt):
+    ours = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    official = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=_official_template()
+    )
+    assert ours == official
