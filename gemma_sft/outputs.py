@@ -122,6 +122,8 @@ def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
     try:
         if trainer.is_world_process_zero():
             shutil.rmtree(staging, ignore_errors=True)
+        if getattr(trainer, "is_fsdp_enabled", False):  # gather the adapter into one file, not per-rank shards
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(staging))  # collective under FSDP: every rank takes part
         if trainer.is_world_process_zero():
             trainer.processing_class.save_pretrained(str(staging))

@@ -1,6 +1,7 @@
 """A 2-process data-parallel run (gloo, CPU) through `accelerate launch`: both ranks end with the same adapter,
 and the adapter is saved once. On CPU, `--use_cpu true` is what makes accelerate pick its multi-CPU (gloo) mode."""
 
+import pytest
 import torch
 from conftest import REPO_ROOT, TINY_RECIPE_FLAGS, belle_rows, run_script, write_jsonl
 from safetensors.torch import load_file
@@ -64,3 +65,17 @@ def test_processes_without_data_parallelism_are_refused(tmp_path, tiny_model_dir
     assert result.returncode != 0
     assert "each would train its own adapter: on CPU pass --use_cpu true" in result.stderr
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize(("name", "kind"), [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp_qlora", "FSDP")])
+def test_accelerate_configs_load_and_say_how_to_launch_them(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = REPO_ROOT / "accelerate_configs" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == kind and config.mixed_precision == "bf16"
+    header = path.read_text(encoding="utf-8").split("\n\n")[0]
+    assert f"accelerate launch --config_file accelerate_configs/{name}.yaml" in header
+    if name == "fsdp_qlora":  # 4-bit weights must be stored in a float dtype for FSDP to shard them
+        assert "--bnb_4bit_quant_storage bfloat16" in header
+        assert config.fsdp_config["fsdp_use_orig_params"] is False
