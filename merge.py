@@ -31,17 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UserError(f"{output} already exists: choose another --output or pass --overwrite")
-    recipe = modeling.read_adapter_recipe(args.adapter)
-    base = args.base or recipe.get("model_name_or_path")
-    if not base:
-        raise UserError(f"{args.adapter}: no recipe.yaml naming the base model; pass --base")
+    base, _ = modeling.adapter_base(args.adapter, args.base)
     try:
         model = AutoModelForCausalLM.from_pretrained(modeling.resolve_model(base), dtype=getattr(torch, args.dtype))
     except OSError as exc:
-        raise UserError(f"base model '{base}': could not load it ({str(exc).splitlines()[0][:200]})") from None
+        raise modeling.fetch_error("base model", base, exc) from None
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
     merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    merged.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    merged.generation_config.eos_token_id = modeling.stop_token_ids(tokenizer)
 
     staging = output.with_name(f".{output.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -134,7 +134,7 @@ def read_hub(name: str, config: str | None, split: str) -> list[Record]:
         from datasets import load_dataset
 
         dataset = load_dataset(name, name=config, split=split)
-    except Exception as exc:
+    except Exception as exc:  # offline, missing, gated, bad config...: all mean "could not fetch"; say so in one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"dataset '{name}': could not load it from the Hugging Face Hub ({reason[:200]}). "

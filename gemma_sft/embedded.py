@@ -132,10 +132,9 @@ def model_dir() -> Path:
         config.dtype = torch.bfloat16
         plain = Gemma3ForCausalLM(config)
         plain.load_state_dict(loaded.state_dict())
-        plain.generation_config.eos_token_id = [
-            tokenizer.eos_token_id,
-            tokenizer.convert_tokens_to_ids("<end_of_turn>"),
-        ]
+        from gemma_sft.modeling import stop_token_ids  # here, not at the top: modeling imports this module
+
+        plain.generation_config.eos_token_id = stop_token_ids(tokenizer)
         plain.to(torch.bfloat16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 

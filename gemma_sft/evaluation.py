@@ -94,8 +94,10 @@ def compare(
     model, tokenizer, conversations, adapter_dir: Path, num_prompts: int = 5, max_new_tokens: int = 128
 ) -> dict:
     """Evaluate base (adapter disabled) and adapter on the same rows; write report.md and loss_curve.png."""
-    prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations[:num_prompts]]
-    references = [c[max(i for i, m in enumerate(c) if m["role"] == "assistant")]["content"] for c in conversations]
+    shown = conversations[:num_prompts]
+    last_answer = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in shown]
+    prompts = [c[:at] for c, at in zip(shown, last_answer)]
+    references = [c[at]["content"] for c, at in zip(shown, last_answer)]
     with model.disable_adapter():
         base = answer_loss(model, tokenizer, conversations)
         base_answers = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []

@@ -20,7 +20,7 @@ def resolve_model(name_or_path: str | None) -> str:
     return name_or_path
 
 
-def _fetch_error(what: str, name: str, exc: Exception) -> UserError:
+def fetch_error(what: str, name: str, exc: Exception) -> UserError:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     return UserError(
         f"{what} '{name}': could not load it ({reason}). Offline? Download it on a connected machine "
@@ -43,7 +43,7 @@ def load_tokenizer(model_path: str, chat_template_path: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
-        raise _fetch_error("tokenizer of", model_path, exc) from None
+        raise fetch_error("tokenizer of", model_path, exc) from None
     if END_OF_TURN not in tokenizer.get_vocab():
         raise UserError(f"{model_path}: tokenizer has no {END_OF_TURN} token; is this a Gemma 3 model?")
     tokenizer.chat_template = read_chat_template(chat_template_path)
@@ -62,7 +62,12 @@ def check_precision(training_args, model_args) -> None:
         )
 
 
-def load_model(model_path: str, model_args, tokenizer, training_args=None):
+def stop_token_ids(tokenizer) -> list[int]:
+    """Generation stops at <eos> or at the end of the model's turn."""
+    return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+
+
+def load_model(model_path: str, model_args, tokenizer):
     """The base model, 4-bit when the recipe asks, with <end_of_turn> as a stop token for generation."""
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
@@ -84,9 +89,8 @@ def load_model(model_path: str, model_args, tokenizer, training_args=None):
             device_map=device_map,
         )
     except OSError as exc:
-        raise _fetch_error("model", model_path, exc) from None
-    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
-    model.generation_config.eos_token_id = stop_ids
+        raise fetch_error("model", model_path, exc) from None
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -106,20 +110,28 @@ def read_adapter_recipe(adapter_dir: str | os.PathLike) -> dict:
     if not (folder / "adapter_config.json").is_file():
         raise UserError(f"{folder}: no finished adapter here (adapter_config.json missing); train one with sft.py")
     recipe = folder / "recipe.yaml"
-    return yaml.safe_load(recipe.read_text(encoding="utf-8")) or {} if recipe.is_file() else {}
+    return (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}) if recipe.is_file() else {}
 
 
-def load_for_inference(adapter_dir: str | os.PathLike, base: str | None = None):
-    """Base model + adapter for evaluation, chat and merging: 4-bit bf16 on a GPU as in training, fp32 on CPU."""
+def adapter_base(adapter_dir: str | os.PathLike, base: str | None = None) -> tuple[str, dict]:
+    """The base model an adapter goes on (an explicit one, else its recipe's, else PEFT's record) and its recipe."""
     import json
-
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-    from trl import ModelConfig
 
     recipe = read_adapter_recipe(adapter_dir)
     adapter_config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
     base = base or recipe.get("model_name_or_path") or adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
+    return base, recipe
+
+
+def load_for_inference(adapter_dir: str | os.PathLike, base: str | None = None):
+    """Base model + adapter for evaluation, chat and merging: 4-bit bf16 on a GPU as in training, fp32 on CPU."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    from trl import ModelConfig
+
+    base, recipe = adapter_base(adapter_dir, base)
     cuda = torch.cuda.is_available()
     model_args = ModelConfig(
         model_name_or_path=base,
