@@ -37,6 +37,7 @@ MISSION_ROWS, MISSION_EPOCHS = 2000, 3
 
 LOWMEM = str(ROOT / "recipes" / "gemma3_belle_lowmem.yaml")
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "multi_gpu.yaml")]
+FSDP = ["--config_file", str(ROOT / "accelerate_configs" / "fsdp_qlora.yaml")]
 SDPA_NO_LIGER = ["--attn_implementation", "sdpa", "--use_liger_kernel", "false"]
 COMPILE = ["--torch_compile", "true"]
 GC_EVERY_2 = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
@@ -68,15 +69,21 @@ SETUPS = {
         None,
     ),
     "gc2": ("packing 8,192 + flex + liger, checkpointing every 2nd layer only", MISSION, GC_EVERY_2, None),
-    "nodrop": ("packing 8,192 + flex + liger, lora_dropout 0", MISSION, ["--lora_dropout", "0"], None),
-    "compile_nodrop_gc2": (
-        "as compile_gc2, lora_dropout 0",
+    "dropout": ("packing 8,192 + flex + liger, lora_dropout 0.1", MISSION, ["--lora_dropout", "0.1"], None),
+    "ours_gc2": (
+        "as shipped, checkpointing every 2nd layer only",
         MISSION,
-        [*COMPILE, *GC_EVERY_2, "--lora_dropout", "0"],
+        [*GC_EVERY_2, "--lora_dropout", "0"],
         None,
     ),
     "lowmem": ("gemma3_belle_lowmem.yaml as shipped", LOWMEM, [], None),
     "ours_ddp2": ("gemma3_belle.yaml as shipped, DDP on 2 GPUs", MISSION, [], [*DDP, "--num_processes", "2"]),
+    "ours_fsdp2": (
+        "gemma3_belle.yaml as shipped, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16)",
+        MISSION,
+        ["--bnb_4bit_quant_storage", "bfloat16"],
+        [*FSDP, "--num_processes", "2"],
+    ),
 }
 
 
@@ -145,6 +152,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     from sft import build_trainer
 
     started = time.time()
+    profile_to = os.environ.get("BENCH_PROFILE_DIR")  # a kernel-time table of the last step goes there
     _, recipe, flags, _ = SETUPS[name]
     _data_args, training_args, model_args, resolved = config.parse(
         [recipe, *flags, "--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file),
@@ -163,6 +171,9 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             self._t0 = self._seen = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if profile_to and state.global_step == steps - 1:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.start()
             torch.cuda.synchronize()
             self._t0, self._seen = time.perf_counter(), state.num_input_tokens_seen
             if self.first_step_at is None:
@@ -172,6 +183,10 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
             self.tokens.append(state.num_input_tokens_seen - self._seen)
+            if getattr(self, "profiler", None) is not None:
+                self.profiler.stop()
+                write_profile(self.profiler, self.times[-1], Path(profile_to) / f"profile-{name}.txt")
+                self.profiler = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -212,6 +227,17 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(timer.first_step_at - started + warmup_excess + mission_tokens / tok_s),
     }
+
+
+def write_profile(profiler, step_seconds: float, path: Path) -> None:
+    """GPU kernel time of one optimizer step by operator, and how much of the step the GPU was busy."""
+    events = profiler.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"step {step_seconds:.3f} s, GPU kernels {busy:.3f} s ({100 * busy / step_seconds:.0f}% busy)\n\n"
+        + events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
