@@ -76,6 +76,24 @@ SETUPS = {
         [*GC_EVERY_2, "--lora_dropout", "0"],
         None,
     ),
+    "pack16k": (
+        "as shipped, packed rows of 16,384 tokens x accumulation 2",
+        MISSION,
+        ["--max_length", "16384", "--gradient_accumulation_steps", "2"],
+        None,
+    ),
+    "pack32k": (
+        "as shipped, packed rows of 32,768 tokens x accumulation 1",
+        MISSION,
+        ["--max_length", "32768", "--gradient_accumulation_steps", "1"],
+        None,
+    ),
+    "pack32k_single_quant": (
+        "as pack32k, without double quantization",
+        MISSION,
+        ["--max_length", "32768", "--gradient_accumulation_steps", "1", "--use_bnb_nested_quant", "false"],
+        None,
+    ),
     "lowmem": ("gemma3_belle_lowmem.yaml as shipped", LOWMEM, [], None),
     "ours_ddp2": ("gemma3_belle.yaml as shipped, DDP on 2 GPUs", MISSION, [], [*DDP, "--num_processes", "2"]),
     "ours_fsdp2": (
@@ -318,6 +336,7 @@ def main() -> int:
         else:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             results.append({"setup": name, "error": tail})
+            Path(args.out).with_name(f"{name}.stderr.txt").write_text(proc.stderr[-20000:], encoding="utf-8")
             print(proc.stderr[-3000:], file=sys.stderr)
         print(table(results[-1:]).splitlines()[-1], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")  # kept if cut short
