@@ -39,7 +39,7 @@ def last_complete_checkpoint(folder: Path) -> str | None:
         (int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*") if path.name[11:].isdigit()
     )
     for _, path in reversed(steps):
-        if not (path / "adapter_model.safetensors").is_file():
+        if not has_model_weights(path):
             continue
         try:  # the Trainer writes its state last
             json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -47,6 +47,14 @@ def last_complete_checkpoint(folder: Path) -> str | None:
             continue
         return str(path)
     return None
+
+
+def has_model_weights(checkpoint: Path) -> bool:
+    """The adapter (single GPU, DDP) or FSDP's own model state: a sharded folder (its .metadata is written last)
+    or a gathered file."""
+    if (checkpoint / "adapter_model.safetensors").is_file() or (checkpoint / "pytorch_model_fsdp_0.bin").is_file():
+        return True
+    return (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()
 
 
 def create_output_dir(output_dir: str, overwrite: bool) -> None:

@@ -1,8 +1,12 @@
 """A 2-process data-parallel run (gloo, CPU) through `accelerate launch`: both ranks end with the same adapter,
-and the adapter is saved once. On CPU, `--use_cpu true` is what makes accelerate pick its multi-CPU (gloo) mode."""
+and the adapter is saved once. On CPU, `--use_cpu true` is what makes accelerate pick its multi-CPU (gloo) mode.
+Also: the accelerate configs load, and the FSDP one wraps every layer of the real Gemma 3 architecture."""
+
+import json
 
 import pytest
 import torch
+import yaml
 from conftest import REPO_ROOT, TINY_RECIPE_FLAGS, belle_rows, run_script, write_jsonl
 from safetensors.torch import load_file
 
@@ -79,3 +83,32 @@ def test_accelerate_configs_load_and_say_how_to_launch_them(name, kind):
     if name == "fsdp_qlora":  # 4-bit weights must be stored in a float dtype for FSDP to shard them
         assert "--bnb_4bit_quant_storage bfloat16" in header
         assert config.fsdp_config["fsdp_use_orig_params"] is False
+
+
+def test_fsdp_config_wraps_every_decoder_layer_of_gemma_3_4b(monkeypatch):
+    """PEFT's FSDP wrap policy on the real gemma-3-4b-it architecture (meta tensors) with the classes our config names:
+    each language and vision layer is its own FSDP unit. Without the names, PEFT gives up on Gemma 3."""
+    import torch
+    from accelerate.commands.config.config_args import load_config_from_file
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    raw = json.loads((REPO_ROOT / "bench" / "gemma-3-4b-it.config.json").read_text())
+    raw.pop("architectures")
+    with torch.device("meta"):
+        base = Gemma3ForConditionalGeneration(Gemma3Config(**raw))
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "gemma3_belle.yaml").read_text(encoding="utf-8"))
+    model = get_peft_model(base, LoraConfig(r=16, target_modules=recipe["lora_target_modules"][0]))
+
+    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
+    with pytest.raises(TypeError, match="Could not find the transformer layer class"):
+        fsdp_auto_wrap_policy(model)
+
+    config = load_config_from_file(str(REPO_ROOT / "accelerate_configs" / "fsdp_qlora.yaml"))
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    policy = fsdp_auto_wrap_policy(model)
+    wrapped = [m for m in model.modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
+    kinds = [type(m).__name__ for m in wrapped]
+    assert kinds.count("Gemma3DecoderLayer") == raw["text_config"]["num_hidden_layers"]
+    assert kinds.count("SiglipEncoderLayer") == raw["vision_config"]["num_hidden_layers"]

@@ -76,6 +76,23 @@ def test_partial_checkpoints_are_skipped_when_resuming(tmp_path):
     assert outputs.check_output_dir(str(tmp_path), overwrite=False) == str(good)
 
 
+def test_fsdp_checkpoints_are_found_when_resuming(tmp_path):
+    """FSDP checkpoints hold the model state in FSDP's own format, not adapter_model.safetensors."""
+    sharded, sharded_partial, gathered = tmp_path / "checkpoint-10", tmp_path / "checkpoint-20", tmp_path / "other"
+    (sharded / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (sharded / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"x")
+    (sharded_partial / "pytorch_model_fsdp_0").mkdir(parents=True)  # shards written, .metadata not yet
+    (sharded_partial / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"x")
+    for folder in (sharded, sharded_partial):
+        (folder / "trainer_state.json").write_text("{}")
+    assert outputs.last_complete_checkpoint(tmp_path) == str(sharded)
+
+    (gathered / "checkpoint-30").mkdir(parents=True)
+    (gathered / "checkpoint-30" / "pytorch_model_fsdp_0.bin").write_bytes(b"x")
+    (gathered / "checkpoint-30" / "trainer_state.json").write_text("{}")
+    assert outputs.last_complete_checkpoint(gathered) == str(gathered / "checkpoint-30")
+
+
 def test_fp16_is_refused_with_a_pointer_to_bf16():
     from sft import main as sft_main
 
