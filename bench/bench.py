@@ -35,7 +35,7 @@ MISSION = str(ROOT / "recipes" / "gemma3_belle.yaml")
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM parts
 MISSION_ROWS, MISSION_EPOCHS = 2000, 3
 
-LOWMEM = str(ROOT / "recipes" / "gemma3_belle_lowmem.yaml")
+FAST = str(ROOT / "recipes" / "gemma3_belle_fast.yaml")
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "multi_gpu.yaml")]
 FSDP = ["--config_file", str(ROOT / "accelerate_configs" / "fsdp_qlora.yaml")]
 SDPA_NO_LIGER = ["--attn_implementation", "sdpa", "--use_liger_kernel", "false"]
@@ -61,41 +61,30 @@ SETUPS = {
     "pack8k_liger": ("packing 8,192 + liger kernels, sdpa", MISSION, ["--attn_implementation", "sdpa"], None),
     "ours": ("gemma3_belle.yaml as shipped: packing 8,192 + flex_attention + liger", MISSION, [], None),
     "ours_nogc": ("as shipped, without grad checkpointing", MISSION, ["--gradient_checkpointing", "false"], None),
-    "compile": ("packing 8,192 + flex + liger + torch.compile of each decoder layer", MISSION, COMPILE, None),
+    "nodrop": ("as shipped, lora_dropout 0", MISSION, ["--lora_dropout", "0"], None),
+    "gc2": ("as shipped, checkpointing every 2nd layer only", MISSION, GC_EVERY_2, None),
+    "compile": ("as shipped + torch.compile of each decoder layer", MISSION, COMPILE, None),
     "compile_gc2": (
-        "as compile, checkpointing every 2nd layer only",
+        "as shipped + torch.compile, checkpointing every 2nd layer only",
         MISSION,
         [*COMPILE, *GC_EVERY_2],
         None,
     ),
-    "gc2": ("packing 8,192 + flex + liger, checkpointing every 2nd layer only", MISSION, GC_EVERY_2, None),
-    "dropout": ("packing 8,192 + flex + liger, lora_dropout 0.1", MISSION, ["--lora_dropout", "0.1"], None),
-    "ours_gc2": (
-        "as shipped, checkpointing every 2nd layer only",
-        MISSION,
-        [*GC_EVERY_2, "--lora_dropout", "0"],
-        None,
-    ),
-    "pack16k": (
-        "as shipped, packed rows of 16,384 tokens x accumulation 2",
-        MISSION,
+    "fast": ("gemma3_belle_fast.yaml as shipped: lora_dropout 0, checkpointing every 2nd layer", FAST, [], None),
+    "fast_16k": (
+        "gemma3_belle_fast.yaml, packed rows of 16,384 tokens x accumulation 2",
+        FAST,
         ["--max_length", "16384", "--gradient_accumulation_steps", "2"],
         None,
     ),
-    "pack32k": (
+    "ours_32k": (
         "as shipped, packed rows of 32,768 tokens x accumulation 1",
         MISSION,
         ["--max_length", "32768", "--gradient_accumulation_steps", "1"],
         None,
     ),
-    "pack32k_single_quant": (
-        "as pack32k, without double quantization",
-        MISSION,
-        ["--max_length", "32768", "--gradient_accumulation_steps", "1", "--use_bnb_nested_quant", "false"],
-        None,
-    ),
-    "lowmem": ("gemma3_belle_lowmem.yaml as shipped", LOWMEM, [], None),
     "ours_ddp2": ("gemma3_belle.yaml as shipped, DDP on 2 GPUs", MISSION, [], [*DDP, "--num_processes", "2"]),
+    "fast_ddp2": ("gemma3_belle_fast.yaml as shipped, DDP on 2 GPUs", FAST, [], [*DDP, "--num_processes", "2"]),
     "ours_fsdp2": (
         "gemma3_belle.yaml as shipped, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16)",
         MISSION,

@@ -42,6 +42,17 @@ def test_mission_recipe_keeps_the_original_tool_settings():
     assert args.report_to == ["tensorboard"]
 
 
+def test_fast_recipe_is_the_mission_recipe_with_its_two_levers():
+    """The fast recipe must not drift from the mission recipe in anything but the levers its header names."""
+    mission = config.load_recipe(MISSION)
+    fast = config.load_recipe(REPO_ROOT / "recipes" / "gemma3_belle_fast.yaml")
+    changed = {key for key in mission.keys() | fast.keys() if mission.get(key) != fast.get(key)}
+    assert changed == {"lora_dropout", "gradient_checkpointing_kwargs", "output_dir"}
+    assert fast["lora_dropout"] == 0 and fast["gradient_checkpointing_kwargs"] == {"every_n_layers": 2}
+    _, args, _, _ = config.parse([str(REPO_ROOT / "recipes" / "gemma3_belle_fast.yaml"), "--dry_run"])
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"every_n_layers": 2}
+
+
 def test_unknown_recipe_key_names_file_line_and_suggestion(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model_name_or_path: x\n\nlearning_rat: 0.1\n", encoding="utf-8")

@@ -96,6 +96,47 @@ def test_training_changes_the_adapter_and_the_saved_adapter_reloads_identically(
     torch.testing.assert_close(reloaded, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_checkpointing_every_second_layer_learns_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir):
+    """The mission recipe recomputes only every 2nd layer's activations in the backward pass: a speed and memory
+    trade that must not change the gradients."""
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
+    adapters, flags_seen = [], []
+    for kwargs in ([], ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']):
+        trainer = train_in_process(
+            monkeypatch,
+            [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
+             str(tmp_path / f"out{len(adapters)}"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
+             "--gradient_checkpointing", "true", *kwargs, "--eval_report", "false"],
+        )  # fmt: skip
+        layers = trainer.model.get_base_model().model.layers
+        flags_seen.append([layer.gradient_checkpointing for layer in layers])
+        adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n})
+    assert flags_seen == [[True, True], [True, False]]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert any(p.abs().sum() > 0 for n, p in adapters[0].items() if "lora_B" in n)
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_compiles_decoder_layers_not_the_whole_model(tmp_path, monkeypatch, tiny_model_dir):
+    """`torch_compile: true` in a recipe compiles each decoder layer once (accelerate's regional compilation)."""
+    from gemma_sft import config, data, modeling
+    from sft import build_trainer
+
+    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"):
+        monkeypatch.setenv(name, "")  # TrainingArguments and sft.py set these: restore them for the next tests
+        monkeypatch.delenv(name)
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(8))
+    _, training_args, model_args, resolved = config.parse(
+        [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(rows), "--output_dir", str(tmp_path / "out"),
+         *TINY_RECIPE_FLAGS, "--torch_compile", "true"]
+    )  # fmt: skip
+    tokenizer = modeling.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
+    trainer = build_trainer(training_args, model_args, data.prepare_from_settings(resolved, tokenizer), tokenizer)
+    plugin = trainer.accelerator.state.dynamo_plugin
+    assert plugin.backend.value == "INDUCTOR" and plugin.use_regional_compilation
+
+
 def test_packing_keeps_each_sample_to_itself(tiny_model_dir, tokenizer):
     """Each sample's loss in a packed, padding-free batch equals its loss alone; a plain causal mask would differ."""
     from transformers import AutoModelForCausalLM
