@@ -85,6 +85,12 @@ SETUPS = {
     ),
     "ours_ddp2": ("gemma3_belle.yaml as shipped, DDP on 2 GPUs", MISSION, [], [*DDP, "--num_processes", "2"]),
     "fast_ddp2": ("gemma3_belle_fast.yaml as shipped, DDP on 2 GPUs", FAST, [], [*DDP, "--num_processes", "2"]),
+    "ours_fsdp1": (
+        "gemma3_belle.yaml as shipped, FSDP-QLoRA on 1 GPU (the baseline for per-GPU memory)",
+        MISSION,
+        ["--bnb_4bit_quant_storage", "bfloat16"],
+        [*FSDP, "--num_processes", "1"],
+    ),
     "ours_fsdp2": (
         "gemma3_belle.yaml as shipped, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16)",
         MISSION,
@@ -116,11 +122,11 @@ def flops_per_token(config: dict) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up: random checkpoint and Belle-like data
 # ---------------------------------------------------------------------------------------------------------------
-def build_checkpoint(folder: Path, tokenizer_dir: Path) -> None:
+def build_checkpoint(folder: Path, tokenizer_dir: Path, model_config: Path) -> None:
     import torch
     from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
 
-    raw = json.loads(CONFIG.read_text())
+    raw = json.loads(model_config.read_text())
     raw.pop("architectures")
     torch.manual_seed(0)
     start = time.time()
@@ -128,7 +134,7 @@ def build_checkpoint(folder: Path, tokenizer_dir: Path) -> None:
         model = Gemma3ForConditionalGeneration(Gemma3Config(**raw)).to(torch.bfloat16)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    print(f"random gemma-3-4b-it checkpoint written to {folder} in {time.time() - start:.0f}s", flush=True)
+    print(f"random {model_config.name} checkpoint written to {folder} in {time.time() - start:.0f}s", flush=True)
 
 
 def build_data(path: Path, rows: int = 3000, seed: int = 0) -> None:
@@ -151,7 +157,7 @@ def build_data(path: Path, rows: int = 3000, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # One set-up, in this process
 # ---------------------------------------------------------------------------------------------------------------
-def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: int) -> dict:
+def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: int, model_config: Path) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -213,13 +219,14 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     tok_s = statistics.median(rates)
     # the warm-up steps' time beyond what their tokens take at the steady rate: compilation and other first-step costs
     warmup_excess = sum(max(0.0, t - n / tok_s) for t, n in zip(timer.times[:warmup], timer.tokens[:warmup]))
-    raw = json.loads(CONFIG.read_text())
+    raw = json.loads(model_config.read_text())
     mission_tokens = (
         MISSION_EPOCHS * sum(len(r["input_ids"]) for r in prepared.train) * MISSION_ROWS / len(prepared.train)
     )
     return {
         "setup": name,
         "description": SETUPS[name][0],
+        "model": model_config.name.removesuffix(".config.json"),
         "card": card,
         "processes": processes,
         "tokens_per_s": round(tok_s),  # all processes together: the Trainer sums tokens seen across ranks
@@ -275,6 +282,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per set-up")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state figure")
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/gemma-sft-bench"))
+    parser.add_argument(
+        "--model-config",
+        default=str(CONFIG),
+        help="architecture to build with random weights (default: gemma-3-4b-it; bench/gemma-3-12b-it.config.json "
+        "for FSDP memory scaling)",
+    )
     parser.add_argument("--tokenizer", help="folder with the Gemma 3 tokenizer (default: the embedded one)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one set-up in this process
@@ -286,9 +299,11 @@ def main() -> int:
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     work = Path(args.work)
-    checkpoint, data_file = work / "gemma-3-4b-it-random", work / "belle_like.jsonl"
+    model_config = Path(args.model_config).resolve()
+    checkpoint = work / (model_config.name.removesuffix(".config.json") + "-random")
+    data_file = work / "belle_like.jsonl"
     if args.run:
-        result = run_one(args.run, checkpoint, data_file, args.steps, args.warmup)
+        result = run_one(args.run, checkpoint, data_file, args.steps, args.warmup, model_config)
         if result:  # rank 0 only
             print("RESULT " + json.dumps(result), flush=True)
         return 0
@@ -299,7 +314,9 @@ def main() -> int:
     if not checkpoint.exists():
         from gemma_sft import embedded
 
-        build_checkpoint(checkpoint, Path(args.tokenizer) if args.tokenizer else embedded.tokenizer_dir())
+        build_checkpoint(
+            checkpoint, Path(args.tokenizer) if args.tokenizer else embedded.tokenizer_dir(), model_config
+        )
     results = []
     for name in args.only or list(SETUPS):
         steps = min(args.steps, 8) if name == "original" else args.steps  # ~1 s per 4 short rows: keep it short
@@ -308,14 +325,15 @@ def main() -> int:
             [sys.executable] if launcher is None else [sys.executable, "-m", "accelerate.commands.launch", *launcher]
         )
         command = [*prefix, __file__, "--run", name, "--steps", str(steps), "--warmup", str(args.warmup),
-                   "--work", str(work)]  # fmt: skip
+                   "--work", str(work), "--model-config", str(model_config)]  # fmt: skip
         print(f"== {name}: {SETUPS[name][0]}", flush=True)
-        if launcher is not None and torch.cuda.device_count() < 2:
-            results.append({"setup": name, "error": "needs 2 GPUs"})
+        gpus = int(launcher[launcher.index("--num_processes") + 1]) if launcher else 1
+        if torch.cuda.device_count() < gpus:
+            results.append({"setup": name, "error": f"needs {gpus} GPUs"})
             continue
         env = (
             os.environ
-            if launcher
+            if gpus > 1
             else {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
         )
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
