@@ -137,14 +137,15 @@ def test_torch_compile_compiles_decoder_layers_not_the_whole_model(tmp_path, mon
     assert plugin.backend.value == "INDUCTOR" and plugin.use_regional_compilation
 
 
-def test_packing_keeps_each_sample_to_itself(tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])  # the mission recipe uses flex_attention
+def test_packing_keeps_each_sample_to_itself(tiny_model_dir, tokenizer, attention):
     """Each sample's loss in a packed, padding-free batch equals its loss alone; a plain causal mask would differ."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from gemma_sft.data import tokenize
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
     model.eval()
     samples = []
     for row in belle_rows(3):
