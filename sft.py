@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ################
     data_args, training_args, model_args, resolved = config.parse(argv)
     modeling.check_precision(training_args, model_args)
+    modeling.check_fsdp(model_args)
     if not data_args.dry_run:
         resume_from = outputs.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
 

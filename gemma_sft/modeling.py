@@ -62,6 +62,22 @@ def check_precision(training_args, model_args) -> None:
         )
 
 
+def check_fsdp(model_args) -> None:
+    """Under an FSDP launch (accelerate_configs/fsdp_qlora.yaml): GPUs, and 4-bit weights stored in a float dtype."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
+        return
+    if not torch.cuda.is_available():
+        raise UserError(
+            "FSDP needs CUDA GPUs; on CPU, launch with `accelerate launch --multi_gpu --num_processes N` "
+            "and pass --use_cpu true (data parallel over gloo)"
+        )
+    if model_args.load_in_4bit and model_args.bnb_4bit_quant_storage not in ("bfloat16", "float16", "float32"):
+        raise UserError(
+            "FSDP shards floating-point tensors only: store the 4-bit weights in bf16 with "
+            "--bnb_4bit_quant_storage bfloat16 (see accelerate_configs/fsdp_qlora.yaml)"
+        )
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Generation stops at <eos> or at the end of the model's turn."""
     return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]

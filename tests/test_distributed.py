@@ -85,30 +85,58 @@ def test_accelerate_configs_load_and_say_how_to_launch_them(name, kind):
         assert config.fsdp_config["fsdp_use_orig_params"] is False
 
 
-def test_fsdp_config_wraps_every_decoder_layer_of_gemma_3_4b(monkeypatch):
-    """PEFT's FSDP wrap policy on the real gemma-3-4b-it architecture (meta tensors) with the classes our config names:
-    each language and vision layer is its own FSDP unit. Without the names, PEFT gives up on Gemma 3."""
-    import torch
+@pytest.mark.parametrize("architecture", ["gemma-3-4b-it", "text-only"])
+def test_fsdp_config_wraps_every_decoder_layer(monkeypatch, architecture):
+    """PEFT's FSDP wrap policy with the classes our config names, on the real gemma-3-4b-it architecture (meta tensors)
+    and on a text-only Gemma 3 (as 270M and 1B are): each decoder layer is its own FSDP unit. Without the names, PEFT
+    gives up on the multimodal Gemma 3."""
     from accelerate.commands.config.config_args import load_config_from_file
+    from conftest import tiny_text_config
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import fsdp_auto_wrap_policy
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
-    raw = json.loads((REPO_ROOT / "bench" / "gemma-3-4b-it.config.json").read_text())
-    raw.pop("architectures")
-    with torch.device("meta"):
-        base = Gemma3ForConditionalGeneration(Gemma3Config(**raw))
+    if architecture == "text-only":
+        text_config = tiny_text_config(num_hidden_layers=3, layer_types=["sliding_attention"] * 2 + ["full_attention"])
+        with torch.device("meta"):
+            base = Gemma3ForCausalLM(text_config)
+        layers = text_config.num_hidden_layers
+    else:
+        raw = json.loads((REPO_ROOT / "bench" / "gemma-3-4b-it.config.json").read_text())
+        raw.pop("architectures")
+        with torch.device("meta"):
+            base = Gemma3ForConditionalGeneration(Gemma3Config(**raw))
+        layers = raw["text_config"]["num_hidden_layers"]
     recipe = yaml.safe_load((REPO_ROOT / "recipes" / "gemma3_belle.yaml").read_text(encoding="utf-8"))
     model = get_peft_model(base, LoraConfig(r=16, target_modules=recipe["lora_target_modules"][0]))
 
-    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
-    with pytest.raises(TypeError, match="Could not find the transformer layer class"):
-        fsdp_auto_wrap_policy(model)
+    if architecture == "gemma-3-4b-it":
+        monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
+        with pytest.raises(TypeError, match="Could not find the transformer layer class"):
+            fsdp_auto_wrap_policy(model)
 
     config = load_config_from_file(str(REPO_ROOT / "accelerate_configs" / "fsdp_qlora.yaml"))
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
     policy = fsdp_auto_wrap_policy(model)
-    wrapped = [m for m in model.modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
-    kinds = [type(m).__name__ for m in wrapped]
-    assert kinds.count("Gemma3DecoderLayer") == raw["text_config"]["num_hidden_layers"]
-    assert kinds.count("SiglipEncoderLayer") == raw["vision_config"]["num_hidden_layers"]
+    units = [type(m).__name__ for m in model.modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
+    assert units.count("Gemma3DecoderLayer") == layers
+    # LoRA weights are trainable leaves: PEFT wraps them apart from the frozen 4-bit weights (use_orig_params=False)
+    assert units.count("Linear") == 2 * 7 * layers
+
+
+def test_fsdp_launches_that_cannot_work_are_refused_with_the_fix(monkeypatch):
+    from trl import ModelConfig
+
+    from gemma_sft import UserError, modeling
+
+    four_bit = ModelConfig(load_in_4bit=True)
+    modeling.check_fsdp(four_bit)  # not an FSDP launch: nothing to check
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"FSDP needs CUDA GPUs; on CPU.*--use_cpu true"):
+        modeling.check_fsdp(four_bit)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="--bnb_4bit_quant_storage bfloat16"):
+        modeling.check_fsdp(four_bit)
+    modeling.check_fsdp(ModelConfig(load_in_4bit=True, bnb_4bit_quant_storage="bfloat16"))
+    modeling.check_fsdp(ModelConfig(load_in_4bit=False))
