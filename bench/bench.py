@@ -84,6 +84,12 @@ SETUPS = {
         None,
     ),
     "ours_ddp2": ("gemma3_belle.yaml as shipped, DDP on 2 GPUs", MISSION, [], [*DDP, "--num_processes", "2"]),
+    "ours_ddp2_static": (
+        "as ours_ddp2, without DDP's per-step search for unused parameters (TRL's default for Gemma 3)",
+        MISSION,
+        ["--ddp_find_unused_parameters", "false"],
+        [*DDP, "--num_processes", "2"],
+    ),
     "fast_ddp2": ("gemma3_belle_fast.yaml as shipped, DDP on 2 GPUs", FAST, [], [*DDP, "--num_processes", "2"]),
     "ours_fsdp1": (
         "gemma3_belle.yaml as shipped, FSDP-QLoRA on 1 GPU (the baseline for per-GPU memory)",
