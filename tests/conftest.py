@@ -62,6 +62,29 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_multimodal_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random Gemma3ForConditionalGeneration (language model + SigLIP tower), the class of gemma-3-4b-it."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gemma3-multimodal")
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=14, vision_use_head=False)  # fmt: skip
+    config = Gemma3Config(
+        text_config=tiny_text_config(vocab_size=262208).to_dict(),  # 4b's vocabulary: room for the image token
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=255999,
+        eoi_token_index=256000,
+        image_token_index=262144,
+    )
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path

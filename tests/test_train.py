@@ -96,6 +96,32 @@ def test_training_changes_the_adapter_and_the_saved_adapter_reloads_identically(
     torch.testing.assert_close(reloaded, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_multimodal_gemma_3_trains_its_language_model_only_and_reloads(tmp_path, monkeypatch, tiny_multimodal_dir):
+    """gemma-3-4b-it's class (language model + SigLIP tower) with the fast recipe's levers: LoRA lands on the language
+    model only, the vision tower is untouched, half the decoder layers are checkpointed, the adapter reloads."""
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
+    out = tmp_path / "out"
+    trainer = train_in_process(
+        monkeypatch,
+        [DEMO, "--model_path", str(tiny_multimodal_dir), "--data_path", str(data), "--output_dir", str(out),
+         *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0", "--gradient_checkpointing", "true",
+         "--gradient_checkpointing_kwargs", '{"every_n_layers": 2}', "--eval_report", "false"],
+    )  # fmt: skip
+    model = trainer.model
+    assert type(model.get_base_model()).__name__ == "Gemma3ForConditionalGeneration"
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 2 and all(".language_model.layers." in name for name in trainable)
+    assert all(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)  # trained
+    language_layers = model.get_base_model().model.language_model.layers
+    assert sum(layer.gradient_checkpointing for layer in language_layers) == len(language_layers) // 2
+
+    expected = probe_logits(model, trainer.processing_class)
+    result = run_script("-c", RELOAD, tiny_multimodal_dir, out, "0", PROBE)
+    assert result.returncode == 0, result.stderr
+    reloaded = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(reloaded, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_checkpointing_every_second_layer_learns_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir):
     """The mission recipe recomputes only every 2nd layer's activations in the backward pass: a speed and memory
     trade that must not change the gradients."""
