@@ -64,7 +64,9 @@ def check_precision(training_args, model_args) -> None:
 
 def check_fsdp(model_args) -> None:
     """Under an FSDP launch (accelerate_configs/fsdp_qlora.yaml): GPUs, and 4-bit weights stored in a float dtype."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
+    from accelerate.utils import parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch` for an FSDP config
         return
     if not torch.cuda.is_available():
         raise UserError(

@@ -52,9 +52,12 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 def has_model_weights(checkpoint: Path) -> bool:
     """The adapter (single GPU, DDP) or FSDP's own model state: a sharded folder (its .metadata is written last)
     or a gathered file."""
-    if (checkpoint / "adapter_model.safetensors").is_file() or (checkpoint / "pytorch_model_fsdp_0.bin").is_file():
+    from accelerate.utils.constants import FSDP_MODEL_NAME
+
+    fsdp_state = checkpoint / f"{FSDP_MODEL_NAME}_0"  # accelerate's name for the first model's state
+    if (checkpoint / "adapter_model.safetensors").is_file() or fsdp_state.with_suffix(".bin").is_file():
         return True
-    return (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()
+    return (fsdp_state / ".metadata").is_file()
 
 
 def create_output_dir(output_dir: str, overwrite: bool) -> None:

@@ -39,6 +39,28 @@ def tiny_text_config(**overrides):
     return Gemma3TextConfig(**values)
 
 
+def gemma3_4b_on_meta():
+    """The real gemma-3-4b-it architecture (bench/gemma-3-4b-it.config.json) on the meta device: no memory."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    raw = json.loads((REPO_ROOT / "bench" / "gemma-3-4b-it.config.json").read_text())
+    raw.pop("architectures")
+    with torch.device("meta"):
+        return Gemma3ForConditionalGeneration(Gemma3Config(**raw))
+
+
+def mission_lora(model):
+    """The model with the mission recipe's LoRA config, built the way sft.py builds it."""
+    from peft import get_peft_model
+    from trl import get_peft_config
+
+    from gemma_sft import config
+
+    _, _, model_args, _ = config.parse(["recipes/gemma3_belle.yaml", "--dry_run"])
+    return get_peft_model(model, get_peft_config(model_args))
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return embedded.tokenizer_dir()

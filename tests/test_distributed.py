@@ -2,12 +2,18 @@
 and the adapter is saved once. On CPU, `--use_cpu true` is what makes accelerate pick its multi-CPU (gloo) mode.
 Also: the accelerate configs load, and the FSDP one wraps every layer of the real Gemma 3 architecture."""
 
-import json
-
 import pytest
 import torch
-import yaml
-from conftest import REPO_ROOT, TINY_RECIPE_FLAGS, belle_rows, run_script, write_jsonl
+from conftest import (
+    REPO_ROOT,
+    TINY_RECIPE_FLAGS,
+    belle_rows,
+    gemma3_4b_on_meta,
+    mission_lora,
+    run_script,
+    tiny_text_config,
+    write_jsonl,
+)
 from safetensors.torch import load_file
 
 # Runs sft.main in each process and, at save time, also writes this rank's LoRA weights for the test to compare.
@@ -91,24 +97,17 @@ def test_fsdp_config_wraps_every_decoder_layer(monkeypatch, architecture):
     and on a text-only Gemma 3 (as 270M and 1B are): each decoder layer is its own FSDP unit. Without the names, PEFT
     gives up on the multimodal Gemma 3."""
     from accelerate.commands.config.config_args import load_config_from_file
-    from conftest import tiny_text_config
-    from peft import LoraConfig, get_peft_model
     from peft.utils.other import fsdp_auto_wrap_policy
-    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+    from transformers import Gemma3ForCausalLM
 
     if architecture == "text-only":
         text_config = tiny_text_config(num_hidden_layers=3, layer_types=["sliding_attention"] * 2 + ["full_attention"])
         with torch.device("meta"):
             base = Gemma3ForCausalLM(text_config)
-        layers = text_config.num_hidden_layers
     else:
-        raw = json.loads((REPO_ROOT / "bench" / "gemma-3-4b-it.config.json").read_text())
-        raw.pop("architectures")
-        with torch.device("meta"):
-            base = Gemma3ForConditionalGeneration(Gemma3Config(**raw))
-        layers = raw["text_config"]["num_hidden_layers"]
-    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "gemma3_belle.yaml").read_text(encoding="utf-8"))
-    model = get_peft_model(base, LoraConfig(r=16, target_modules=recipe["lora_target_modules"][0]))
+        base = gemma3_4b_on_meta()
+    layers = base.config.get_text_config().num_hidden_layers
+    model = mission_lora(base)
 
     if architecture == "gemma-3-4b-it":
         monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)

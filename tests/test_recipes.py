@@ -1,11 +1,9 @@
 """Recipes are TRL field names: every shipped recipe parses, unknown keys fail with file:line, flags win."""
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import run_script
+from conftest import gemma3_4b_on_meta, mission_lora, run_script
 
 from gemma_sft import REPO_ROOT, UserError, config
 from gemma_sft.hardware import DEMO, MISSION, SINGLE_GPU, default_recipe, train_command
@@ -106,16 +104,7 @@ def test_make_train_picks_the_recipe_and_launcher_by_hardware():
 
 def test_lora_targets_the_language_model_only_with_the_expected_parameter_count():
     """On the real gemma-3-4b-it architecture (meta tensors: no memory), r=16 gives 29,802,496 trainable weights."""
-    from peft import get_peft_model
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-    from trl import get_peft_config
-
-    _, _, model_args, _ = config.parse([MISSION, "--dry_run"])
-    raw = json.loads((REPO_ROOT / "bench" / "gemma-3-4b-it.config.json").read_text())
-    raw.pop("architectures")
-    with torch.device("meta"):
-        model = Gemma3ForConditionalGeneration(Gemma3Config(**raw))
-    peft_model = get_peft_model(model, get_peft_config(model_args))
+    peft_model = mission_lora(gemma3_4b_on_meta())
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert trainable == 29_802_496
     adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in peft_model.named_modules() if name.endswith("lora_A")}
