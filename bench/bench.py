@@ -41,6 +41,8 @@ FSDP = ["--config_file", str(ROOT / "accelerate_configs" / "fsdp_qlora.yaml")]
 SDPA_NO_LIGER = ["--attn_implementation", "sdpa", "--use_liger_kernel", "false"]
 COMPILE = ["--torch_compile", "true"]
 GC_EVERY_2 = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
+BF16_STORAGE = ["--bnb_4bit_quant_storage", "bfloat16"]  # FSDP shards only floating-point tensors
+ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "2"]
 
 # name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
 SETUPS = {
@@ -83,25 +85,32 @@ SETUPS = {
         ["--max_length", "32768", "--gradient_accumulation_steps", "1"],
         None,
     ),
-    "ours_ddp2": ("gemma3_belle.yaml as shipped, DDP on 2 GPUs", MISSION, [], [*DDP, "--num_processes", "2"]),
+    "nodrop_32k": (
+        "as shipped, lora_dropout 0, packed rows of 32,768 tokens x accumulation 1",
+        MISSION,
+        ["--lora_dropout", "0", "--max_length", "32768", "--gradient_accumulation_steps", "1"],
+        None,
+    ),
+    # Several GPUs: accumulation 2 instead of 4 keeps the global batch (and so the loss curve) of the one-GPU rows.
+    "ours_ddp2": ("gemma3_belle.yaml, DDP on 2 GPUs, accumulation 2", MISSION, SAME_BATCH_ON_2, [*DDP, *ON_2]),
     "ours_ddp2_static": (
         "as ours_ddp2, without DDP's per-step search for unused parameters (TRL's default for Gemma 3)",
         MISSION,
-        ["--ddp_find_unused_parameters", "false"],
-        [*DDP, "--num_processes", "2"],
+        [*SAME_BATCH_ON_2, "--ddp_find_unused_parameters", "false"],
+        [*DDP, *ON_2],
     ),
-    "fast_ddp2": ("gemma3_belle_fast.yaml as shipped, DDP on 2 GPUs", FAST, [], [*DDP, "--num_processes", "2"]),
+    "fast_ddp2": ("gemma3_belle_fast.yaml, DDP on 2 GPUs, accumulation 2", FAST, SAME_BATCH_ON_2, [*DDP, *ON_2]),
     "ours_fsdp1": (
-        "gemma3_belle.yaml as shipped, FSDP-QLoRA on 1 GPU (the baseline for per-GPU memory)",
+        "gemma3_belle.yaml, FSDP-QLoRA on 1 GPU (the baseline for per-GPU memory)",
         MISSION,
-        ["--bnb_4bit_quant_storage", "bfloat16"],
+        BF16_STORAGE,
         [*FSDP, "--num_processes", "1"],
     ),
     "ours_fsdp2": (
-        "gemma3_belle.yaml as shipped, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16)",
+        "gemma3_belle.yaml, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16), accumulation 2",
         MISSION,
-        ["--bnb_4bit_quant_storage", "bfloat16"],
-        [*FSDP, "--num_processes", "2"],
+        [*BF16_STORAGE, *SAME_BATCH_ON_2],
+        [*FSDP, *ON_2],
     ),
 }
 

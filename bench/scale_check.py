@@ -1,0 +1,89 @@
+"""End-to-end check of training on several GPUs, through sft.py exactly as a user launches it (needs 2 CUDA GPUs).
+
+Trains the mission recipe for a few steps on the benchmark's random gemma-3-4b-it and Belle-like rows (run
+bench/bench.py once first to build them) three ways: one GPU, DDP on 2 GPUs, FSDP-QLoRA on 2 GPUs; the 2-GPU runs
+halve gradient accumulation so every run takes the same global batch. Then, in a single process, it loads each
+adapter through evaluate.py and checks that the adapters hold the same tensors, and prints the three loss curves.
+
+    python bench/scale_check.py [--steps 4] [--out bench/scale_check.json]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = Path("/tmp/gemma-sft-bench")
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+RUNS = {
+    "1gpu": ([sys.executable], []),
+    "ddp2": (
+        [*LAUNCH, "--config_file", "accelerate_configs/multi_gpu.yaml", "--num_processes", "2"],
+        ["--gradient_accumulation_steps", "2"],
+    ),
+    "fsdp2": (
+        [*LAUNCH, "--config_file", "accelerate_configs/fsdp_qlora.yaml", "--num_processes", "2"],
+        ["--gradient_accumulation_steps", "2", "--bnb_4bit_quant_storage", "bfloat16"],
+    ),
+}
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return {key: (tuple(f.get_tensor(key).shape), str(f.get_tensor(key).dtype)) for key in f.keys()}  # noqa: SIM118
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "scale_check.json"))
+    args = parser.parse_args()
+    checkpoint, data_file = WORK / "gemma-3-4b-it-random", WORK / "belle_like.jsonl"
+    if not checkpoint.exists():
+        print(f"error: {checkpoint} is missing: run python bench/bench.py --only ours first", file=sys.stderr)
+        return 2
+    common = ["--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file), "--max_samples", "1000",
+              "--eval_samples", "16", "--max_steps", str(args.steps), "--save_steps", "2", "--logging_steps", "1",
+              "--eval_report", "false", "--report_to", "none", "--overwrite_output_dir", "true"]  # fmt: skip
+    report = {}
+    for name, (prefix, flags) in RUNS.items():
+        output_dir = WORK / f"scale-{name}"
+        command = [*prefix, "sft.py", "recipes/gemma3_belle.yaml", *common, *flags, "--output_dir", str(output_dir)]
+        print(f"== {name}: {' '.join(command)}", flush=True)
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            report[name] = {"error": proc.stderr[-3000:]}
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        check = ["evaluate.py", "--adapter", str(output_dir), "--num_prompts", "1", "--max_new_tokens", "8"]
+        evaluated = subprocess.run([sys.executable, *check], cwd=ROOT, capture_output=True, text=True)
+        report[name] = {
+            "losses": [round(h["loss"], 4) for h in history if "loss" in h],
+            "tensors": adapter_tensors(output_dir),
+            "checkpoints": sorted(p.name for p in output_dir.glob("checkpoint-*")),
+            "evaluate_rc": evaluated.returncode,
+            "evaluate_tail": (evaluated.stdout + evaluated.stderr).strip().splitlines()[-6:],
+        }
+        Path(args.out).write_text(json.dumps(report, indent=1, default=list) + "\n", encoding="utf-8")
+    reference = report.get("1gpu", {}).get("tensors")
+    print("\n| run | losses | adapter tensors | same tensors as 1 GPU | checkpoints | evaluate.py |")
+    print("|---|---|---|---|---|---|")
+    for name, r in report.items():
+        if "error" in r:
+            print(f"| {name} | failed | | | | |")
+            continue
+        same = r["tensors"] == reference
+        print(
+            f"| {name} | {r['losses']} | {len(r['tensors'])} | {same} | {r['checkpoints']} | "
+            f"rc {r['evaluate_rc']}: {r['evaluate_tail'][-1] if r['evaluate_tail'] else ''} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
