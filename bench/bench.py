@@ -112,6 +112,19 @@ SETUPS = {
         [*BF16_STORAGE, *SAME_BATCH_ON_2],
         [*FSDP, *ON_2],
     ),
+    # For memory on bigger architectures: sdpa and no Liger, so no Triton kernels to compile for new shapes.
+    "sdpa_fsdp1": (
+        "as ours_fsdp1 with sdpa, no Liger",
+        MISSION,
+        [*BF16_STORAGE, *SDPA_NO_LIGER],
+        [*FSDP, "--num_processes", "1"],
+    ),
+    "sdpa_fsdp2": (
+        "as ours_fsdp2 with sdpa, no Liger",
+        MISSION,
+        [*BF16_STORAGE, *SAME_BATCH_ON_2, *SDPA_NO_LIGER],
+        [*FSDP, *ON_2],
+    ),
 }
 
 

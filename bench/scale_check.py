@@ -10,6 +10,7 @@ adapter through evaluate.py and checks that the adapters hold the same tensors, 
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ def adapter_tensors(folder: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="these runs only")
     parser.add_argument("--out", default=str(ROOT / "bench" / "scale_check.json"))
     args = parser.parse_args()
     checkpoint, data_file = WORK / "gemma-3-4b-it-random", WORK / "belle_like.jsonl"
@@ -49,25 +51,28 @@ def main() -> int:
     common = ["--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file), "--max_samples", "1000",
               "--eval_samples", "16", "--max_steps", str(args.steps), "--save_steps", "2", "--logging_steps", "1",
               "--eval_report", "false", "--report_to", "none", "--overwrite_output_dir", "true"]  # fmt: skip
+    one_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
     report = {}
-    for name, (prefix, flags) in RUNS.items():
+    for name in args.only or list(RUNS):
+        prefix, flags = RUNS[name]
         output_dir = WORK / f"scale-{name}"
         command = [*prefix, "sft.py", "recipes/gemma3_belle.yaml", *common, *flags, "--output_dir", str(output_dir)]
         print(f"== {name}: {' '.join(command)}", flush=True)
-        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        env = one_gpu if name == "1gpu" else os.environ
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             report[name] = {"error": proc.stderr[-3000:]}
             print(proc.stderr[-3000:], file=sys.stderr)
             continue
         history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
         check = ["evaluate.py", "--adapter", str(output_dir), "--num_prompts", "1", "--max_new_tokens", "8"]
-        evaluated = subprocess.run([sys.executable, *check], cwd=ROOT, capture_output=True, text=True)
+        evaluated = subprocess.run([sys.executable, *check], cwd=ROOT, capture_output=True, text=True, env=one_gpu)
         report[name] = {
             "losses": [round(h["loss"], 4) for h in history if "loss" in h],
             "tensors": adapter_tensors(output_dir),
             "checkpoints": sorted(p.name for p in output_dir.glob("checkpoint-*")),
             "evaluate_rc": evaluated.returncode,
-            "evaluate_tail": (evaluated.stdout + evaluated.stderr).strip().splitlines()[-6:],
+            "evaluate_tail": (evaluated.stdout.strip() or evaluated.stderr.strip()).splitlines()[-6:],
         }
         Path(args.out).write_text(json.dumps(report, indent=1, default=list) + "\n", encoding="utf-8")
     reference = report.get("1gpu", {}).get("tensors")
