@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     ################
     data_args, training_args, model_args, resolved = config.parse(argv)
     modeling.check_precision(training_args, model_args)
-    modeling.check_fsdp(model_args)
     if not data_args.dry_run:
         resume_from = outputs.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
+        modeling.check_launch(model_args, resume_from)
 
     ################
     # Data: rows -> Gemma chat messages -> token ids with the answer mask
@@ -96,6 +96,7 @@ def build_trainer(training_args, model_args, prepared, tokenizer, callbacks=()):
 
     from gemma_sft import modeling
 
+    modeling.patch_peft_for_fsdp()
     model = modeling.load_model(modeling.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
     if training_args.torch_compile:
         # Compile one decoder layer and reuse it for every layer (accelerate's regional compilation) rather than

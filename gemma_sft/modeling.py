@@ -62,10 +62,18 @@ def check_precision(training_args, model_args) -> None:
         )
 
 
-def check_fsdp(model_args) -> None:
-    """Under an FSDP launch (accelerate_configs/fsdp_qlora.yaml): GPUs, and 4-bit weights stored in a float dtype."""
+def check_launch(model_args, resume_from: str | None = None) -> None:
+    """One GPU per process, and under an FSDP launch (accelerate_configs/fsdp_qlora.yaml): GPUs, 4-bit weights
+    stored in a float dtype, and no resume."""
     from accelerate.utils import parse_flag_from_env
 
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # the Trainer would fall back to nn.DataParallel
+        raise UserError(
+            f"{gpus} GPUs are visible to one process: for data parallelism launch `accelerate launch "
+            f"--config_file accelerate_configs/multi_gpu.yaml --num_processes {gpus} sft.py ...`; "
+            "for one GPU set CUDA_VISIBLE_DEVICES=0"
+        )
     if not parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch` for an FSDP config
         return
     if not torch.cuda.is_available():
@@ -78,6 +86,33 @@ def check_fsdp(model_args) -> None:
             "FSDP shards floating-point tensors only: store the 4-bit weights in bf16 with "
             "--bnb_4bit_quant_storage bfloat16 (see accelerate_configs/fsdp_qlora.yaml)"
         )
+    if resume_from:
+        raise UserError(
+            f"{resume_from}: an FSDP run cannot resume (PEFT 0.21 loads no adapter weights into FSDP's nested units, "
+            "so the adapter would silently restart from scratch): pass --overwrite_output_dir true to start over"
+        )
+
+
+def patch_peft_for_fsdp() -> None:
+    """Under an FSDP launch, let PEFT find the adapter's tensors inside FSDP's nested wrappers (save and load).
+
+    PEFT 0.21 derives the adapter's state-dict keys from module names and strips only a leading
+    `_fsdp_wrapped_module.`. With each decoder layer and LoRA leaf its own FSDP unit, the names carry that segment in
+    the middle too, so PEFT matched nothing: the final adapter was saved empty and checkpoints restored nothing.
+    FSDP's state dicts use names with every such segment removed; the key prefixes PEFT matches against get the same.
+    """
+    from accelerate.utils import parse_flag_from_env
+    from peft.tuners import tuners_utils
+
+    original = tuners_utils._get_tuner_state_dict_key_prefixes
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or getattr(original, "sees_through_fsdp", False):
+        return
+
+    def key_prefixes(model, adapter_name=None):
+        return {prefix.replace("_fsdp_wrapped_module.", "") for prefix in original(model, adapter_name)}
+
+    key_prefixes.sees_through_fsdp = True
+    tuners_utils._get_tuner_state_dict_key_prefixes = key_prefixes
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -123,19 +123,99 @@ def test_fsdp_config_wraps_every_decoder_layer(monkeypatch, architecture):
     assert units.count("Linear") == 2 * 7 * layers
 
 
-def test_fsdp_launches_that_cannot_work_are_refused_with_the_fix(monkeypatch):
+def test_launches_that_cannot_work_are_refused_with_the_fix(monkeypatch):
     from trl import ModelConfig
 
     from gemma_sft import UserError, modeling
 
     four_bit = ModelConfig(load_in_4bit=True)
-    modeling.check_fsdp(four_bit)  # not an FSDP launch: nothing to check
+    modeling.check_launch(four_bit)  # one process, at most one GPU, no FSDP: nothing to refuse
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UserError, match=r"2 GPUs are visible to one process.*--num_processes 2.*CUDA_VISIBLE_DEVICES"):
+        modeling.check_launch(four_bit)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch / torchrun each process takes one GPU
+    modeling.check_launch(four_bit)
+
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"FSDP needs CUDA GPUs; on CPU.*--use_cpu true"):
-        modeling.check_fsdp(four_bit)
+        modeling.check_launch(four_bit)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(UserError, match="--bnb_4bit_quant_storage bfloat16"):
-        modeling.check_fsdp(four_bit)
-    modeling.check_fsdp(ModelConfig(load_in_4bit=True, bnb_4bit_quant_storage="bfloat16"))
-    modeling.check_fsdp(ModelConfig(load_in_4bit=False))
+        modeling.check_launch(four_bit)
+    bf16_storage = ModelConfig(load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
+    modeling.check_launch(bf16_storage)
+    modeling.check_launch(ModelConfig(load_in_4bit=False))
+    with pytest.raises(UserError, match=r"^out/checkpoint-20: an FSDP run cannot resume.*--overwrite_output_dir true"):
+        modeling.check_launch(bf16_storage, resume_from="out/checkpoint-20")
+
+
+# Two gloo processes shard a tiny Gemma 3 + LoRA with FSDP-1 as our config does (each decoder layer and LoRA leaf its
+# own unit), take one optimizer step, then get the adapter through PEFT the way the Trainer's final save (from a full
+# state dict) and accelerate's adapter-only checkpoints (a sharded state dict) do.
+FSDP_WORKER = """
+import json, os, sys
+root, tiny, out = sys.argv[1:4]
+sys.path.insert(0, root)
+os.environ["ACCELERATE_USE_FSDP"] = "true"  # as `accelerate launch` sets it for an FSDP config
+os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = "Gemma3DecoderLayer"
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullStateDictConfig, ShardedStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft.utils.other import fsdp_auto_wrap_policy
+from transformers import Gemma3ForCausalLM
+from gemma_sft import modeling
+
+modeling.patch_peft_for_fsdp()
+dist.init_process_group("gloo")
+
+torch.manual_seed(0)
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+model = get_peft_model(Gemma3ForCausalLM.from_pretrained(tiny), LoraConfig(r=4, target_modules=targets))
+wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"))
+optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.5)
+ids = torch.tensor([[2, 10, 20, 30, 40, 50]])
+wrapped(input_ids=ids, labels=ids).loss.backward()
+optimizer.step()
+with FSDP.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig()):
+    checkpoint = get_peft_model_state_dict(wrapped)  # what an adapter-only FSDP checkpoint holds
+with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+    full = wrapped.state_dict()
+if dist.get_rank() == 0:
+    model.save_pretrained(out, state_dict=full)  # the Trainer's final save under FSDP
+    torch.save({k: v for k, v in full.items() if "lora_" in k}, os.path.join(out, "trained.pt"))
+    print("RESULT", json.dumps({"checkpoint_keys": len(checkpoint)}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_saves_the_whole_adapter(tmp_path, tiny_model_dir):
+    """PEFT 0.21 alone finds no adapter tensor under FSDP-1 with nested units (an empty adapter file, empty
+    checkpoints); with gemma_sft.modeling.patch_peft_for_fsdp every LoRA tensor is saved and reloads without FSDP."""
+    from peft import PeftModel
+    from transformers import Gemma3ForCausalLM
+
+    worker = tmp_path / "fsdp_worker.py"
+    worker.write_text(FSDP_WORKER, encoding="utf-8")
+    out = tmp_path / "adapter"
+    result = run_script(
+        "-m", "torch.distributed.run", "--nproc_per_node", "2", worker, REPO_ROOT, tiny_model_dir, out,
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = torch.load(out / "trained.pt")
+    layers = 2
+    assert len(trained) == 2 * 7 * layers
+    assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n)  # the step moved the adapter
+    assert f'"checkpoint_keys": {len(trained)}' in result.stdout
+
+    saved = load_file(out / "adapter_model.safetensors")
+    assert len(saved) == len(trained)
+    reloaded = PeftModel.from_pretrained(Gemma3ForCausalLM.from_pretrained(tiny_model_dir), out)
+    weights = dict(reloaded.named_parameters())
+    for name, tensor in trained.items():
+        torch.testing.assert_close(weights[name], tensor, atol=0, rtol=0)
