@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     modeling.check_precision(training_args, model_args)
     if not data_args.dry_run:
         resume_from = outputs.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
-        modeling.check_launch(model_args, resume_from)
+        modeling.check_launch(model_args)
 
     ################
     # Data: rows -> Gemma chat messages -> token ids with the answer mask

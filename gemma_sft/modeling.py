@@ -62,9 +62,9 @@ def check_precision(training_args, model_args) -> None:
         )
 
 
-def check_launch(model_args, resume_from: str | None = None) -> None:
-    """One GPU per process, and under an FSDP launch (accelerate_configs/fsdp_qlora.yaml): GPUs, 4-bit weights
-    stored in a float dtype, and no resume."""
+def check_launch(model_args) -> None:
+    """One GPU per process, and under an FSDP launch (accelerate_configs/fsdp_qlora.yaml): GPUs and 4-bit weights
+    stored in a float dtype."""
     from accelerate.utils import parse_flag_from_env
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -86,33 +86,38 @@ def check_launch(model_args, resume_from: str | None = None) -> None:
             "FSDP shards floating-point tensors only: store the 4-bit weights in bf16 with "
             "--bnb_4bit_quant_storage bfloat16 (see accelerate_configs/fsdp_qlora.yaml)"
         )
-    if resume_from:
-        raise UserError(
-            f"{resume_from}: an FSDP run cannot resume (PEFT 0.21 loads no adapter weights into FSDP's nested units, "
-            "so the adapter would silently restart from scratch): pass --overwrite_output_dir true to start over"
-        )
 
 
 def patch_peft_for_fsdp() -> None:
-    """Under an FSDP launch, let PEFT find the adapter's tensors inside FSDP's nested wrappers (save and load).
+    """Under an FSDP launch, let PEFT find the adapter inside FSDP-1's nested units when it saves and loads it.
 
-    PEFT 0.21 derives the adapter's state-dict keys from module names and strips only a leading
-    `_fsdp_wrapped_module.`. With each decoder layer and LoRA leaf its own FSDP unit, the names carry that segment in
-    the middle too, so PEFT matched nothing: the final adapter was saved empty and checkpoints restored nothing.
-    FSDP's state dicts use names with every such segment removed; the key prefixes PEFT matches against get the same.
+    PEFT 0.21 picks the adapter's tensors by module name and expects FSDP's `_fsdp_wrapped_module.` only at the start
+    of a name. With a unit per decoder layer and per LoRA leaf the segment also sits mid-name, so the final adapter was
+    saved empty and checkpoints held nothing. Loading a checkpoint into the FSDP root fails too: PEFT reads the root's
+    parameter names as those of a model without its `base_model.model.` prefix and loads nothing. Here the key
+    prefixes lose every wrapper segment (as FSDP's own state dicts do) and loading goes through the root's PEFT model.
     """
+    import peft
     from accelerate.utils import parse_flag_from_env
     from peft.tuners import tuners_utils
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    original = tuners_utils._get_tuner_state_dict_key_prefixes
-    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or getattr(original, "sees_through_fsdp", False):
+    original_prefixes = tuners_utils._get_tuner_state_dict_key_prefixes
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or getattr(original_prefixes, "sees_through_fsdp", False):
         return
+    original_load = peft.set_peft_model_state_dict  # what accelerate's FSDP checkpoint loader imports
 
     def key_prefixes(model, adapter_name=None):
-        return {prefix.replace("_fsdp_wrapped_module.", "") for prefix in original(model, adapter_name)}
+        return {prefix.replace("_fsdp_wrapped_module.", "") for prefix in original_prefixes(model, adapter_name)}
+
+    def load_adapter_state(model, *args, **kwargs):
+        if isinstance(model, FullyShardedDataParallel):
+            model = model.module
+        return original_load(model, *args, **kwargs)
 
     key_prefixes.sees_through_fsdp = True
     tuners_utils._get_tuner_state_dict_key_prefixes = key_prefixes
+    peft.set_peft_model_state_dict = load_adapter_state
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -148,74 +148,101 @@ def test_launches_that_cannot_work_are_refused_with_the_fix(monkeypatch):
     bf16_storage = ModelConfig(load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
     modeling.check_launch(bf16_storage)
     modeling.check_launch(ModelConfig(load_in_4bit=False))
-    with pytest.raises(UserError, match=r"^out/checkpoint-20: an FSDP run cannot resume.*--overwrite_output_dir true"):
-        modeling.check_launch(bf16_storage, resume_from="out/checkpoint-20")
 
 
 # Two gloo processes shard a tiny Gemma 3 + LoRA with FSDP-1 as our config does (each decoder layer and LoRA leaf its
-# own unit), take one optimizer step, then get the adapter through PEFT the way the Trainer's final save (from a full
-# state dict) and accelerate's adapter-only checkpoints (a sharded state dict) do.
+# own unit) and take one optimizer step. Then the adapter goes out and back the way the Trainer moves it under FSDP:
+# the final save (a full state dict through PEFT's save_pretrained), and a checkpoint plus resume (accelerate's
+# adapter-only save_fsdp_model / load_fsdp_model, our config's state-dict type) into a differently initialised copy.
 FSDP_WORKER = """
-import json, os, sys
-root, tiny, out = sys.argv[1:4]
+import os, sys
+from types import SimpleNamespace
+root, tiny, out, state_dict_type = sys.argv[1:5]
 sys.path.insert(0, root)
 os.environ["ACCELERATE_USE_FSDP"] = "true"  # as `accelerate launch` sets it for an FSDP config
 os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = "Gemma3DecoderLayer"
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FullStateDictConfig, ShardedStateDictConfig, StateDictType
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from torch.distributed.fsdp import FullStateDictConfig, ShardedOptimStateDictConfig, ShardedStateDictConfig
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+from accelerate import PartialState
+from accelerate.utils import load_fsdp_model, save_fsdp_model
+from peft import LoraConfig, get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import Gemma3ForCausalLM
 from gemma_sft import modeling
 
 modeling.patch_peft_for_fsdp()
 dist.init_process_group("gloo")
+rank = dist.get_rank()
+PartialState(cpu=True)  # accelerate's helpers log through it
 
-torch.manual_seed(0)
-targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-model = get_peft_model(Gemma3ForCausalLM.from_pretrained(tiny), LoraConfig(r=4, target_modules=targets))
-wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"))
+def sharded_lora(seed):
+    torch.manual_seed(seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(Gemma3ForCausalLM.from_pretrained(tiny), LoraConfig(r=4, target_modules=targets))
+    return model, FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"))
+
+def full_state(wrapped):
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+        return wrapped.state_dict()
+
+model, wrapped = sharded_lora(seed=0)
 optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.5)
 ids = torch.tensor([[2, 10, 20, 30, 40, 50]])
 wrapped(input_ids=ids, labels=ids).loss.backward()
 optimizer.step()
-with FSDP.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig()):
-    checkpoint = get_peft_model_state_dict(wrapped)  # what an adapter-only FSDP checkpoint holds
-with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
-    full = wrapped.state_dict()
-if dist.get_rank() == 0:
-    model.save_pretrained(out, state_dict=full)  # the Trainer's final save under FSDP
-    torch.save({k: v for k, v in full.items() if "lora_" in k}, os.path.join(out, "trained.pt"))
-    print("RESULT", json.dumps({"checkpoint_keys": len(checkpoint)}), flush=True)
+full = full_state(wrapped)
+if rank == 0:
+    model.save_pretrained(os.path.join(out, "adapter"), state_dict=full)
+
+assert state_dict_type == "SHARDED_STATE_DICT", state_dict_type  # the stand-in below is for the sharded type
+plugin = SimpleNamespace(fsdp_version=1, state_dict_type=StateDictType.SHARDED_STATE_DICT,
+                         state_dict_config=ShardedStateDictConfig(),
+                         optim_state_dict_config=ShardedOptimStateDictConfig())
+accelerator = SimpleNamespace(process_index=rank, num_processes=2, is_main_process=rank == 0, is_fsdp2=False,
+                              wait_for_everyone=dist.barrier)
+save_fsdp_model(plugin, accelerator, wrapped, os.path.join(out, "checkpoint"), adapter_only=True)
+_, resumed = sharded_lora(seed=1)  # other initial LoRA weights: only a real restore brings the trained ones back
+load_fsdp_model(plugin, accelerator, resumed, os.path.join(out, "checkpoint"), adapter_only=True)
+restored = full_state(resumed)
+if rank == 0:
+    lora = lambda state: {k: v for k, v in state.items() if "lora_" in k}
+    torch.save({"trained": lora(full), "restored": lora(restored)}, os.path.join(out, "lora.pt"))
 dist.destroy_process_group()
 """
 
 
-def test_fsdp_saves_the_whole_adapter(tmp_path, tiny_model_dir):
-    """PEFT 0.21 alone finds no adapter tensor under FSDP-1 with nested units (an empty adapter file, empty
-    checkpoints); with gemma_sft.modeling.patch_peft_for_fsdp every LoRA tensor is saved and reloads without FSDP."""
+def test_fsdp_saves_and_resumes_the_whole_adapter(tmp_path, tiny_model_dir):
+    """PEFT 0.21 alone finds no adapter tensor inside FSDP-1's nested units: an empty adapter file, empty checkpoints,
+    and a resume that restores nothing. With gemma_sft.modeling.patch_peft_for_fsdp every LoRA tensor is saved,
+    reloads without FSDP, and comes back from a checkpoint exactly."""
+    from accelerate.commands.config.config_args import load_config_from_file
     from peft import PeftModel
     from transformers import Gemma3ForCausalLM
 
+    from gemma_sft import outputs
+
+    config = load_config_from_file(str(REPO_ROOT / "accelerate_configs" / "fsdp_qlora.yaml"))
     worker = tmp_path / "fsdp_worker.py"
     worker.write_text(FSDP_WORKER, encoding="utf-8")
-    out = tmp_path / "adapter"
     result = run_script(
-        "-m", "torch.distributed.run", "--nproc_per_node", "2", worker, REPO_ROOT, tiny_model_dir, out,
-        env={"OMP_NUM_THREADS": "1"},
+        "-m", "torch.distributed.run", "--nproc_per_node", "2", worker, REPO_ROOT, tiny_model_dir, tmp_path,
+        config.fsdp_config["fsdp_state_dict_type"], env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    trained = torch.load(out / "trained.pt")
-    layers = 2
-    assert len(trained) == 2 * 7 * layers
+    lora = torch.load(tmp_path / "lora.pt")
+    trained, restored = lora["trained"], lora["restored"]
+    assert len(trained) == 2 * 7 * 2  # A and B of 7 projections in each of the 2 layers
     assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n)  # the step moved the adapter
-    assert f'"checkpoint_keys": {len(trained)}' in result.stdout
+    assert restored.keys() == trained.keys()
+    for name in trained:
+        torch.testing.assert_close(restored[name], trained[name], atol=0, rtol=0)
+    assert outputs.has_model_weights(tmp_path / "checkpoint")  # what resume looks for
 
-    saved = load_file(out / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert len(saved) == len(trained)
-    reloaded = PeftModel.from_pretrained(Gemma3ForCausalLM.from_pretrained(tiny_model_dir), out)
+    reloaded = PeftModel.from_pretrained(Gemma3ForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     weights = dict(reloaded.named_parameters())
     for name, tensor in trained.items():
         torch.testing.assert_close(weights[name], tensor, atol=0, rtol=0)
