@@ -213,7 +213,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 
         def on_step_begin(self, args, state, control, **kwargs):
             if profile_to and state.global_step == steps - 1:
-                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.profiler = torch.profiler.profile(activities=activities)
                 self.profiler.start()
             torch.cuda.synchronize()
             self._t0, self._seen = time.perf_counter(), state.num_input_tokens_seen
@@ -272,13 +273,19 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 
 
 def write_profile(profiler, step_seconds: float, path: Path) -> None:
-    """GPU kernel time of one optimizer step by operator, and how much of the step the GPU was busy."""
+    """One optimizer step: GPU kernel time by kernel and how busy the GPU was, then the host side (operators by their
+    own CPU time, kernel launches), to see what keeps the GPU waiting."""
     events = profiler.key_averages()
     busy = sum(e.self_device_time_total for e in events) / 1e6
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    host = sum(e.self_cpu_time_total for e in events) / 1e6
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        f"step {step_seconds:.3f} s, GPU kernels {busy:.3f} s ({100 * busy / step_seconds:.0f}% busy)\n\n"
+        f"step {step_seconds:.3f} s, GPU kernels {busy:.3f} s ({100 * busy / step_seconds:.0f}% busy), "
+        f"{launches:,} kernel launches, host operator time {host:.3f} s\n\n"
         + events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+        + "\n\nHost side, by own CPU time:\n\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
     )
 
 
