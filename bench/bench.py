@@ -85,6 +85,12 @@ SETUPS = {
         ["--max_length", "32768", "--gradient_accumulation_steps", "1"],
         None,
     ),
+    "ours_static": (
+        "as shipped, each packed row padded to 8,192 tokens: one shape, so flex_attention and Liger compile once",
+        MISSION,
+        ["--pad_to_multiple_of", "8192"],
+        None,
+    ),
     "nodrop_32k": (
         "as shipped, lora_dropout 0, packed rows of 32,768 tokens x accumulation 1",
         MISSION,
