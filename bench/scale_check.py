@@ -3,7 +3,9 @@
 Trains the mission recipe for a few steps on the benchmark's random gemma-3-4b-it and Belle-like rows (run
 bench/bench.py once first to build them) three ways: one GPU, DDP on 2 GPUs, FSDP-QLoRA on 2 GPUs; the 2-GPU runs
 halve gradient accumulation so every run takes the same global batch. Then, in a single process, it loads each
-adapter through evaluate.py and checks that the adapters hold the same tensors, and prints the three loss curves.
+adapter through evaluate.py and checks that the adapters hold the same tensors, and prints the loss curves.
+`fsdp2_resumed` is the FSDP run stopped after its first checkpoint (half the steps) and started again with the same
+command: its curve after the checkpoint must continue `fsdp2`'s, not restart from an untrained adapter.
 
     python bench/scale_check.py [--steps 4] [--out bench/scale_check.json]
 """
@@ -11,6 +13,7 @@ adapter through evaluate.py and checks that the adapters hold the same tensors, 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +32,16 @@ RUNS = {
         ["--gradient_accumulation_steps", "2", "--bnb_4bit_quant_storage", "bfloat16"],
     ),
 }
+RUNS["fsdp2_resumed"] = RUNS["fsdp2"]
+
+
+def interrupted_after_first_checkpoint(command: list[str], output_dir: Path, steps: int, env) -> None:
+    """Train half the steps (one checkpoint), then leave only the checkpoint, as a run killed after it would."""
+    first = [*command, "--max_steps", str(steps // 2)]  # the later flag wins
+    subprocess.run(first, cwd=ROOT, capture_output=True, text=True, env=env, check=True)
+    for path in output_dir.iterdir():
+        if not path.name.startswith("checkpoint-"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def adapter_tensors(folder: Path) -> dict:
@@ -50,15 +63,18 @@ def main() -> int:
         return 2
     common = ["--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file), "--max_samples", "1000",
               "--eval_samples", "16", "--max_steps", str(args.steps), "--save_steps", "2", "--logging_steps", "1",
-              "--eval_report", "false", "--report_to", "none", "--overwrite_output_dir", "true"]  # fmt: skip
+              "--eval_report", "false", "--report_to", "none"]  # fmt: skip
     one_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
     report = {}
     for name in args.only or list(RUNS):
         prefix, flags = RUNS[name]
         output_dir = WORK / f"scale-{name}"
+        shutil.rmtree(output_dir, ignore_errors=True)
         command = [*prefix, "sft.py", "recipes/gemma3_belle.yaml", *common, *flags, "--output_dir", str(output_dir)]
         print(f"== {name}: {' '.join(command)}", flush=True)
         env = one_gpu if name == "1gpu" else os.environ
+        if name.endswith("_resumed"):
+            interrupted_after_first_checkpoint(command, output_dir, args.steps, env)
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             report[name] = {"error": proc.stderr[-3000:]}
