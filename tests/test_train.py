@@ -164,8 +164,10 @@ def test_torch_compile_compiles_decoder_layers_not_the_whole_model(tmp_path, mon
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])  # the mission recipe uses flex_attention
-def test_packing_keeps_each_sample_to_itself(tiny_model_dir, tokenizer, attention):
-    """Each sample's loss in a packed, padding-free batch equals its loss alone; a plain causal mask would differ."""
+@pytest.mark.parametrize("pad_to", [None, 256], ids=["unpadded", "padded"])  # padded: one shape for every row
+def test_packing_keeps_each_sample_to_itself(tiny_model_dir, tokenizer, attention, pad_to):
+    """Each sample's loss in a packed, padding-free batch equals its loss alone, also when the packed row is padded
+    to a fixed length (`pad_to_multiple_of`); a plain causal mask would differ."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -190,8 +192,12 @@ def test_packing_keeps_each_sample_to_itself(tiny_model_dir, tokenizer, attentio
         for sample in samples:
             ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor([sample["labels"]])
             alone.append(summed_loss(ids, labels).sum())
-        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(samples)
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=pad_to)(samples)
         assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+        total = sum(len(s["input_ids"]) for s in samples)
+        assert batch["input_ids"].shape[1] == (pad_to or total)
+        if pad_to:
+            assert total < pad_to and (batch["labels"][0, total:] == -100).all()  # padding present, never learned
         packed = summed_loss(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
         leaky = summed_loss(batch["input_ids"], batch["labels"])  # no position_ids: one long causal sequence
 
