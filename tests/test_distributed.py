@@ -47,11 +47,13 @@ def test_two_process_ddp_trains_one_adapter(tmp_path, tiny_model_dir):
         "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
         wrapper, "recipes/gemma3_270m_belle_demo.yaml", "--model_path", tiny_model_dir, "--data_path", rows,
         "--output_dir", out, *TINY_RECIPE_FLAGS, "--num_train_epochs", "2", "--ddp_backend", "gloo",
-        "--use_cpu", "true",
+        "--use_cpu", "true", "--gradient_accumulation_steps", "2",
         env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("WRAPPED DistributedDataParallel") == 2
+    hint = "Each optimizer step: 2 processes x 2 accumulation steps x 1 rows; --gradient_accumulation_steps 1 keeps"
+    assert result.stdout.count(hint) == 1  # printed once, by rank 0
     assert "Next: python evaluate.py" in result.stdout  # the in-process report is left to evaluate.py
     rank0, rank1 = (load_file(tmp_path / "run" / f"rank{i}.safetensors") for i in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
