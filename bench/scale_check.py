@@ -35,13 +35,15 @@ RUNS = {
 RUNS["fsdp2_resumed"] = RUNS["fsdp2"]
 
 
-def interrupted_after_first_checkpoint(command: list[str], output_dir: Path, steps: int, env) -> None:
+def interrupted_after_first_checkpoint(command: list[str], output_dir: Path, steps: int, env):
     """Train half the steps (one checkpoint), then leave only the checkpoint, as a run killed after it would."""
     first = [*command, "--max_steps", str(steps // 2)]  # the later flag wins
-    subprocess.run(first, cwd=ROOT, capture_output=True, text=True, env=env, check=True)
-    for path in output_dir.iterdir():
-        if not path.name.startswith("checkpoint-"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    proc = subprocess.run(first, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode == 0:
+        for path in output_dir.iterdir():
+            if not path.name.startswith("checkpoint-"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return proc
 
 
 def adapter_tensors(folder: Path) -> dict:
@@ -73,9 +75,11 @@ def main() -> int:
         command = [*prefix, "sft.py", "recipes/gemma3_belle.yaml", *common, *flags, "--output_dir", str(output_dir)]
         print(f"== {name}: {' '.join(command)}", flush=True)
         env = one_gpu if name == "1gpu" else os.environ
+        proc = None
         if name.endswith("_resumed"):
-            interrupted_after_first_checkpoint(command, output_dir, args.steps, env)
-        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+            proc = interrupted_after_first_checkpoint(command, output_dir, args.steps, env)
+        if proc is None or proc.returncode == 0:
+            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             report[name] = {"error": proc.stderr[-3000:]}
             print(proc.stderr[-3000:], file=sys.stderr)
