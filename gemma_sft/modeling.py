@@ -62,11 +62,15 @@ def check_precision(training_args, model_args) -> None:
         )
 
 
-def check_launch(model_args) -> None:
-    """One GPU per process, and under an FSDP launch (accelerate_configs/fsdp_qlora.yaml): GPUs and 4-bit weights
-    stored in a float dtype."""
+def fsdp_launch() -> bool:
+    """Whether `accelerate launch` started this process with an FSDP config (accelerate_configs/fsdp_qlora.yaml)."""
     from accelerate.utils import parse_flag_from_env
 
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def check_launch(model_args) -> None:
+    """One GPU per process, and under an FSDP launch: GPUs and 4-bit weights stored in a float dtype."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # the Trainer would fall back to nn.DataParallel
         raise UserError(
@@ -74,7 +78,7 @@ def check_launch(model_args) -> None:
             f"--config_file accelerate_configs/multi_gpu.yaml --num_processes {gpus} sft.py ...`; "
             "for one GPU set CUDA_VISIBLE_DEVICES=0"
         )
-    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch` for an FSDP config
+    if not fsdp_launch():
         return
     if not torch.cuda.is_available():
         raise UserError(
@@ -98,12 +102,11 @@ def patch_peft_for_fsdp() -> None:
     prefixes lose every wrapper segment (as FSDP's own state dicts do) and loading goes through the root's PEFT model.
     """
     import peft
-    from accelerate.utils import parse_flag_from_env
     from peft.tuners import tuners_utils
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     original_prefixes = tuners_utils._get_tuner_state_dict_key_prefixes
-    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or getattr(original_prefixes, "sees_through_fsdp", False):
+    if not fsdp_launch() or getattr(original_prefixes, "sees_through_fsdp", False):
         return
     original_load = peft.set_peft_model_state_dict  # what accelerate's FSDP checkpoint loader imports
 
