@@ -134,6 +134,11 @@ SETUPS = {
 }
 
 
+def gpus_needed(launcher: list[str] | None) -> int:
+    """How many GPUs a set-up's accelerate launch flags ask for (a plain process: one)."""
+    return int(launcher[launcher.index("--num_processes") + 1]) if launcher else 1
+
+
 def linear_weights(config: dict) -> tuple[int, int]:
     """Weights of the language model's linear layers and of its output head."""
     t = config["text_config"]
@@ -199,7 +204,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     from sft import build_trainer
 
     started = time.time()
-    profile_to = os.environ.get("BENCH_PROFILE_DIR")  # a kernel-time table of the last step goes there
+    profile_to = os.environ.get("BENCH_PROFILE_DIR")  # the last step's profile (GPU kernels, host side) goes there
     _, recipe, flags, _ = SETUPS[name]
     _data_args, training_args, model_args, resolved = config.parse(
         [recipe, *flags, "--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file),
@@ -368,7 +373,7 @@ def main() -> int:
         command = [*prefix, __file__, "--run", name, "--steps", str(steps), "--warmup", str(args.warmup),
                    "--work", str(work), "--model-config", str(model_config)]  # fmt: skip
         print(f"== {name}: {SETUPS[name][0]}", flush=True)
-        gpus = int(launcher[launcher.index("--num_processes") + 1]) if launcher else 1
+        gpus = gpus_needed(launcher)
         if torch.cuda.device_count() < gpus:
             results.append({"setup": name, "error": f"needs {gpus} GPUs"})
             continue

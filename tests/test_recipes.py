@@ -25,21 +25,24 @@ def test_every_recipe_parses_with_only_known_keys(recipe):
     assert not training_args.fp16
 
 
-def benchmark_setups() -> dict:
+def load_bench():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "bench" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    return bench.SETUPS
+    return bench
 
 
-@pytest.mark.parametrize("name", sorted(benchmark_setups()))
+BENCH = load_bench()
+
+
+@pytest.mark.parametrize("name", sorted(BENCH.SETUPS))
 def test_every_benchmark_setup_parses(name):
     """GPU time is scarce: a misspelt flag in a benchmark set-up should fail here, not on the GPU machine."""
-    _description, recipe, flags, launcher = benchmark_setups()[name]
+    _description, recipe, flags, launcher = BENCH.SETUPS[name]
     _data_args, training_args, _model_args, _ = config.parse([recipe, *flags, "--dry_run"])
-    if launcher and "--num_processes" in launcher and launcher[launcher.index("--num_processes") + 1] == "2":
+    if BENCH.gpus_needed(launcher) == 2:
         assert training_args.gradient_accumulation_steps == 2  # the one-GPU global batch, for comparable curves
 
 
