@@ -50,7 +50,8 @@ def adapter_tensors(folder: Path) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        return {key: (tuple(f.get_tensor(key).shape), str(f.get_tensor(key).dtype)) for key in f.keys()}  # noqa: SIM118
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return {key: (tuple(tensor.shape), str(tensor.dtype)) for key, tensor in tensors.items()}
 
 
 def main() -> int:
