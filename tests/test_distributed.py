@@ -14,9 +14,12 @@ from conftest import (
     tiny_text_config,
     write_jsonl,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-# Runs sft.main in each process and, at save time, also writes this rank's LoRA weights for the test to compare.
+# Runs sft.main in each process and, at save time, also writes this rank's LoRA weights for the test to compare, with
+# the class that wraps the model in the file's metadata (not on stdout, which both ranks share: a rank's line can be
+# split by the other rank's writes).
 WRAPPER = """
 import sys
 sys.path.insert(0, {root!r})
@@ -28,8 +31,8 @@ original = outputs.save_adapter
 
 def save_and_dump(trainer, output_dir, recipe):
     lora = {{n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if "lora_" in n}}
-    print("WRAPPED", type(trainer.model_wrapped).__name__, flush=True)
-    save_file(lora, f"{{output_dir}}/../rank{{trainer.accelerator.process_index}}.safetensors")
+    wrapped = {{"wrapped": type(trainer.model_wrapped).__name__}}
+    save_file(lora, f"{{output_dir}}/../rank{{trainer.accelerator.process_index}}.safetensors", metadata=wrapped)
     original(trainer, output_dir, recipe)
 
 outputs.save_adapter = save_and_dump
@@ -51,11 +54,14 @@ def test_two_process_ddp_trains_one_adapter(tmp_path, tiny_model_dir):
         env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("WRAPPED DistributedDataParallel") == 2
     hint = "Each optimizer step: 2 processes x 2 accumulation steps x 1 rows; --gradient_accumulation_steps 1 keeps"
     assert result.stdout.count(hint) == 1  # printed once, by rank 0
     assert "Next: python evaluate.py" in result.stdout  # the in-process report is left to evaluate.py
-    rank0, rank1 = (load_file(tmp_path / "run" / f"rank{i}.safetensors") for i in (0, 1))
+    ranks = [tmp_path / "run" / f"rank{i}.safetensors" for i in (0, 1)]
+    for rank in ranks:
+        with safe_open(str(rank), "pt") as f:
+            assert f.metadata()["wrapped"] == "DistributedDataParallel"
+    rank0, rank1 = (load_file(rank) for rank in ranks)
     assert rank0.keys() == rank1.keys() and rank0
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0)
