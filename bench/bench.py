@@ -17,9 +17,12 @@ recomputation are not counted), against the card's dense bf16 peak from its data
 """
 
 import argparse
+import cProfile
+import io
 import json
 import math
 import os
+import pstats
 import random
 import statistics
 import subprocess
@@ -38,6 +41,7 @@ MISSION_ROWS, MISSION_EPOCHS = 2000, 3
 FAST = str(ROOT / "recipes" / "gemma3_belle_fast.yaml")
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "multi_gpu.yaml")]
 FSDP = ["--config_file", str(ROOT / "accelerate_configs" / "fsdp_qlora.yaml")]
+ZERO3 = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml")]
 SDPA_NO_LIGER = ["--attn_implementation", "sdpa", "--use_liger_kernel", "false"]
 COMPILE = ["--torch_compile", "true"]
 GC_EVERY_2 = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
@@ -117,6 +121,12 @@ SETUPS = {
         MISSION,
         [*BF16_STORAGE, *SAME_BATCH_ON_2],
         [*FSDP, *ON_2],
+    ),
+    "ours_zero3_2": (
+        "gemma3_belle.yaml, DeepSpeed ZeRO-3 on 2 GPUs (4-bit weights stored in bf16), accumulation 2",
+        MISSION,
+        [*BF16_STORAGE, *SAME_BATCH_ON_2],
+        [*ZERO3, *ON_2],
     ),
     # For memory on bigger architectures: sdpa and no Liger, so no Triton kernels to compile for new shapes.
     "sdpa_fsdp1": (
@@ -223,6 +233,9 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             self._t0 = self._seen = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if profile_to and state.global_step == steps - 2:  # Python's own view of the host, one step earlier
+                self.python_profile = cProfile.Profile()
+                self.python_profile.enable()
             if profile_to and state.global_step == steps - 1:
                 activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 self.profiler = torch.profiler.profile(activities=activities)
@@ -236,6 +249,10 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
             self.tokens.append(state.num_input_tokens_seen - self._seen)
+            if getattr(self, "python_profile", None) is not None:
+                self.python_profile.disable()
+                write_python_profile(self.python_profile, self.times[-1], Path(profile_to) / f"python-{name}.txt")
+                self.python_profile = None
             if getattr(self, "profiler", None) is not None:
                 self.profiler.stop()
                 write_profile(self.profiler, self.times[-1], Path(profile_to) / f"profile-{name}.txt")
@@ -298,6 +315,16 @@ def write_profile(profiler, step_seconds: float, path: Path) -> None:
         + "\n\nHost side, by own CPU time:\n\n"
         + events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
     )
+
+
+def write_python_profile(profile, step_seconds: float, path: Path) -> None:
+    """One optimizer step under cProfile: the Python functions the host spends its time in (own and cumulative)."""
+    text = io.StringIO()
+    text.write(f"step {step_seconds:.3f} s under cProfile (its overhead included)\n\n")
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profile, stream=text).sort_stats(order).print_stats(45)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,10 +4,11 @@ Trains the mission recipe for a few steps on the benchmark's random gemma-3-4b-i
 bench/bench.py once first to build them) three ways: one GPU, DDP on 2 GPUs, FSDP-QLoRA on 2 GPUs; the 2-GPU runs
 halve gradient accumulation so every run takes the same global batch. Then, in a single process, it loads each
 adapter through evaluate.py and checks that the adapters hold the same tensors, and prints the loss curves.
-`fsdp2_resumed` is the FSDP run stopped after its first checkpoint (half the steps) and started again with the same
-command: its curve after the checkpoint must continue `fsdp2`'s, not restart from an untrained adapter.
+`zero3` is DeepSpeed ZeRO-3. `fsdp2_resumed` (`zero3_resumed`) is the FSDP (ZeRO-3) run stopped after its first
+checkpoint (half the steps) and started again with the same command: its curve after the checkpoint must continue
+`fsdp2`'s (`zero3`'s), not restart from an untrained adapter.
 
-    python bench/scale_check.py [--steps 4] [--out bench/scale_check.json]
+    python bench/scale_check.py [--steps 4] [--only 1gpu fsdp2 ...] [--sdpa] [--out bench/scale_check.json]
 """
 
 import argparse
@@ -33,6 +34,11 @@ RUNS = {
     ),
 }
 RUNS["fsdp2_resumed"] = RUNS["fsdp2"]
+RUNS["zero3"] = (
+    [*LAUNCH, "--config_file", "accelerate_configs/deepspeed_zero3.yaml", "--num_processes", "2"],
+    ["--gradient_accumulation_steps", "2", "--bnb_4bit_quant_storage", "bfloat16"],
+)
+RUNS["zero3_resumed"] = RUNS["zero3"]
 
 
 def interrupted_after_first_checkpoint(command: list[str], output_dir: Path, steps: int, env):
@@ -59,6 +65,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="these runs only")
     parser.add_argument("--out", default=str(ROOT / "bench" / "scale_check.json"))
+    parser.add_argument(
+        "--sdpa",
+        action="store_true",
+        help="sdpa attention and no Liger kernels: no Triton compilation (saving and resuming do not depend on them)",
+    )
     args = parser.parse_args()
     checkpoint, data_file = WORK / "gemma-3-4b-it-random", WORK / "belle_like.jsonl"
     if not checkpoint.exists():
@@ -67,6 +78,8 @@ def main() -> int:
     common = ["--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file), "--max_samples", "1000",
               "--eval_samples", "16", "--max_steps", str(args.steps), "--save_steps", "2", "--logging_steps", "1",
               "--eval_report", "false", "--report_to", "none"]  # fmt: skip
+    if args.sdpa:
+        common += ["--attn_implementation", "sdpa", "--use_liger_kernel", "false"]
     one_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
     report = {}
     for name in args.only or list(RUNS):

@@ -69,8 +69,15 @@ def fsdp_launch() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
+def zero3_launch() -> bool:
+    """Whether `accelerate launch` started this process with ZeRO-3 (accelerate_configs/deepspeed_zero3.yaml)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
 def check_launch(model_args) -> None:
-    """One GPU per process, and under an FSDP launch: GPUs and 4-bit weights stored in a float dtype."""
+    """One GPU per process, and when the model is sharded (FSDP, ZeRO-3): GPUs and 4-bit weights in a float dtype."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # the Trainer would fall back to nn.DataParallel
         raise UserError(
@@ -78,17 +85,19 @@ def check_launch(model_args) -> None:
             f"--config_file accelerate_configs/multi_gpu.yaml --num_processes {gpus} sft.py ...`; "
             "for one GPU set CUDA_VISIBLE_DEVICES=0"
         )
-    if not fsdp_launch():
+    sharding = "FSDP" if fsdp_launch() else "DeepSpeed ZeRO-3" if zero3_launch() else None
+    if sharding is None:
         return
     if not torch.cuda.is_available():
         raise UserError(
-            "FSDP needs CUDA GPUs; on CPU, launch with `accelerate launch --multi_gpu --num_processes N` "
+            f"{sharding} needs CUDA GPUs; on CPU, launch with `accelerate launch --multi_gpu --num_processes N` "
             "and pass --use_cpu true (data parallel over gloo)"
         )
     if model_args.load_in_4bit and model_args.bnb_4bit_quant_storage not in ("bfloat16", "float16", "float32"):
+        config = "fsdp_qlora.yaml" if sharding == "FSDP" else "deepspeed_zero3.yaml"
         raise UserError(
-            "FSDP shards floating-point tensors only: store the 4-bit weights in bf16 with "
-            "--bnb_4bit_quant_storage bfloat16 (see accelerate_configs/fsdp_qlora.yaml)"
+            f"{sharding} shards floating-point tensors only: store the 4-bit weights in bf16 with "
+            f"--bnb_4bit_quant_storage bfloat16 (see accelerate_configs/{config})"
         )
 
 
@@ -136,8 +145,9 @@ def load_model(model_path: str, model_args, tokenizer):
 
     quantization_config = get_quantization_config(model_args)
     device_map = None
-    if quantization_config is not None and torch.cuda.is_available():
-        # bitsandbytes places weights at load time: each process (DDP rank) gets a whole copy on its own GPU.
+    if quantization_config is not None and torch.cuda.is_available() and not zero3_launch():
+        # bitsandbytes places weights at load time: each process (DDP rank) gets a whole copy on its own GPU. Under
+        # ZeRO-3, DeepSpeed partitions the weights as they load instead, and refuses a device map.
         device_map = {"": PartialState().local_process_index}
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
     try:
