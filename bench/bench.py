@@ -44,6 +44,7 @@ FSDP = ["--config_file", str(ROOT / "accelerate_configs" / "fsdp_qlora.yaml")]
 ZERO3 = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml")]
 SDPA_NO_LIGER = ["--attn_implementation", "sdpa", "--use_liger_kernel", "false"]
 COMPILE = ["--torch_compile", "true"]
+NO_FUSED = ["--fused_qlora", "false"]
 GC_EVERY_2 = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
 BF16_STORAGE = ["--bnb_4bit_quant_storage", "bfloat16"]  # FSDP shards only floating-point tensors
 ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "2"]
@@ -65,7 +66,9 @@ SETUPS = {
         None,
     ),
     "pack8k_liger": ("packing 8,192 + liger kernels, sdpa", MISSION, ["--attn_implementation", "sdpa"], None),
-    "ours": ("gemma3_belle.yaml as shipped: packing 8,192 + flex_attention + liger", MISSION, [], None),
+    "ours": ("gemma3_belle.yaml as shipped: packing 8,192 + flex_attention + liger + fused QLoRA", MISSION, [], None),
+    "ours_peft": ("as shipped, with PEFT's own QLoRA layers (fused_qlora false)", MISSION, NO_FUSED, None),
+    "fast_peft": ("gemma3_belle_fast.yaml, with PEFT's own QLoRA layers", FAST, NO_FUSED, None),
     "ours_nogc": ("as shipped, without grad checkpointing", MISSION, ["--gradient_checkpointing", "false"], None),
     "nodrop": ("as shipped, lora_dropout 0", MISSION, ["--lora_dropout", "0"], None),
     "gc2": ("as shipped, checkpointing every 2nd layer only", MISSION, GC_EVERY_2, None),
@@ -216,7 +219,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     started = time.time()
     profile_to = os.environ.get("BENCH_PROFILE_DIR")  # the last step's profile (GPU kernels, host side) goes there
     _, recipe, flags, _ = SETUPS[name]
-    _data_args, training_args, model_args, resolved = config.parse(
+    data_args, training_args, model_args, resolved = config.parse(
         [recipe, *flags, "--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file),
          "--output_dir", f"/tmp/bench-{name}", "--max_steps", str(steps), "--report_to", "none",
          "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "1", "--eval_samples", "1",
@@ -264,7 +267,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 
     timer = Timer()
     torch.cuda.reset_peak_memory_stats()
-    trainer = build_trainer(training_args, model_args, prepared, tokenizer, callbacks=[timer])
+    trainer = build_trainer(training_args, model_args, prepared, tokenizer, [timer], data_args.fused_qlora)
     trainer.train()
     processes = trainer.accelerator.num_processes
     if not trainer.is_world_process_zero():
@@ -303,8 +306,11 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 def write_profile(profiler, step_seconds: float, path: Path) -> None:
     """One optimizer step: GPU kernel time by kernel and how busy the GPU was, then the host side (operators by their
     own CPU time, kernel launches), to see what keeps the GPU waiting."""
+    import torch
+
     events = profiler.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6
+    # kernels only: operators also carry the device time of the kernels they launched
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
     host = sum(e.self_cpu_time_total for e in events) / 1e6
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,11 @@ def zero3_launch() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
 
+def sharded_launch() -> bool:
+    """Whether the model's weights are sharded across processes (FSDP or ZeRO-3)."""
+    return fsdp_launch() or zero3_launch()
+
+
 def check_launch(model_args) -> None:
     """One GPU per process, and when the model is sharded (FSDP, ZeRO-3): GPUs and 4-bit weights in a float dtype."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

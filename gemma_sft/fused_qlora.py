@@ -1,0 +1,114 @@
+"""A 4-bit linear layer and its LoRA adapter as one autograd function, for training speed.
+
+PEFT computes a QLoRA layer as bitsandbytes' 4-bit matmul, a defensive copy of its output, then the adapter branch
+(dropout, A, B, a multiply by the scaling, an add), each a separate kernel and a separate node of the autograd graph.
+With ~35 packed samples per row the GPU finishes these faster than Python issues them, so the host sets the pace.
+Here the same arithmetic is one function: dequantize, one matmul for the frozen weight, one for A, and B's product
+added into the output by the same matmul call (addmm), with a backward pass written out by hand. Same results up to
+rounding (the adapter output is rounded once instead of twice); layers it does not cover keep PEFT's own forward.
+"""
+
+import torch
+
+
+class QLoRALinear(torch.autograd.Function):
+    """y = x W^T + scaling * (dropout(x) A^T) B^T, with W frozen in 4 bits and A, B trained.
+
+    The frozen weight's matmul runs in x's dtype; the adapter's own matmuls run in `lora_dtype`, as PEFT runs them
+    (the autocast dtype, else the adapter weights' dtype: bf16 for QLoRA adapters made by TRL).
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_x, packed_weight, quant_state, lora_a, lora_b, scaling, lora_dtype):
+        import bitsandbytes.functional as bnb_functional
+
+        dtype = x.dtype
+        a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
+        x2d, lora_x2d = x.reshape(-1, x.shape[-1]), lora_x.reshape(-1, lora_x.shape[-1]).to(lora_dtype)
+        weight = bnb_functional.dequantize_4bit(packed_weight, quant_state).to(dtype)
+        down = lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
+        if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): B's product lands in the same call
+            out = torch.addmm(x2d @ weight.t(), down, b.t(), alpha=scaling)
+        else:  # rounded as PEFT rounds it: the adapter's output in its own dtype, then added
+            out = (x2d @ weight.t()).add_((down @ b.t()).mul_(scaling).to(dtype))
+        ctx.save_for_backward(lora_x2d, down, a, b)
+        ctx.packed_weight, ctx.quant_state, ctx.scaling = packed_weight, quant_state, scaling
+        ctx.shared_input = lora_x is x
+        ctx.shapes = (x.shape, lora_x.shape, lora_x.dtype, lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import bitsandbytes.functional as bnb_functional
+
+        lora_x2d, down, a, b = ctx.saved_tensors
+        x_shape, lora_x_shape, lora_x_dtype, a_dtype, b_dtype = ctx.shapes
+        grad2d = grad_out.reshape(-1, grad_out.shape[-1])
+        lora_grad2d = grad2d.to(down.dtype)
+        grad_down = (lora_grad2d @ b).mul_(ctx.scaling)  # (tokens, r)
+        grad_a = (grad_down.t() @ lora_x2d).to(a_dtype)
+        grad_b = (lora_grad2d.t() @ down).mul_(ctx.scaling).to(b_dtype)
+        grad_x = grad_lora_x = None
+        if ctx.needs_input_grad[0] or (ctx.shared_input and ctx.needs_input_grad[1]):
+            weight = bnb_functional.dequantize_4bit(ctx.packed_weight, ctx.quant_state).to(grad2d.dtype)
+            if ctx.shared_input:  # no dropout: both branches saw x, so their input gradients add up in one call
+                grad_x = torch.addmm(grad2d @ weight, grad_down.to(grad2d.dtype), a.to(grad2d.dtype)).view(x_shape)
+            else:
+                grad_x = (grad2d @ weight).view(x_shape)
+        if not ctx.shared_input and ctx.needs_input_grad[1]:
+            grad_lora_x = (grad_down @ a).to(lora_x_dtype).view(lora_x_shape)
+        return grad_x, grad_lora_x, None, None, grad_a, grad_b, None, None
+
+
+def _fused_forward(layer, x):
+    """QLoRALinear for a layer that `covers` accepts."""
+    name = layer.active_adapters[0]
+    dropout = layer.lora_dropout[name]
+    lora_x = x if isinstance(dropout, torch.nn.Identity) or not dropout.training or dropout.p == 0 else dropout(x)
+    lora_a = layer.lora_A[name].weight
+    lora_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else lora_a.dtype
+    return QLoRALinear.apply(
+        x, lora_x, layer.base_layer.weight, layer.base_layer.weight.quant_state,
+        lora_a, layer.lora_B[name].weight, layer.scaling[name], lora_dtype,
+    )  # fmt: skip
+
+
+def covers(layer, x, args, kwargs) -> bool:
+    """Plain LoRA on a bias-free 4-bit layer, one adapter, x in the dtype the layer computes in; PEFT does the rest."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return False
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in layer.lora_variant or layer.lora_B[name].bias is not None:
+        return False
+    base = layer.base_layer
+    if base.bias is not None or getattr(base.weight, "quant_state", None) is None:  # no quant state: FSDP-sharded
+        return False
+    if x.dtype != (base.compute_dtype or x.dtype):
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # PEFT's adapter branch then runs in the autocast dtype
+        return x.dtype == torch.get_autocast_dtype(x.device.type)
+    return layer.lora_A[name].weight.dtype == layer.lora_B[name].weight.dtype
+
+
+def enable() -> None:
+    """Route PEFT's 4-bit LoRA layers through QLoRALinear where it covers them; idempotent."""
+    from peft.tuners.lora import bnb as peft_bnb
+
+    peft_forward = peft_bnb.Linear4bit.forward
+    if getattr(peft_forward, "fused", False):
+        return
+
+    def forward(self, x, *args, **kwargs):
+        if covers(self, x, args, kwargs):
+            return _fused_forward(self, x)
+        return peft_forward(self, x, *args, **kwargs)
+
+    forward.fused, forward.peft_forward = True, peft_forward
+    peft_bnb.Linear4bit.forward = forward
+
+
+def disable() -> None:
+    """Give PEFT's 4-bit LoRA layers their own forward back."""
+    from peft.tuners.lora import bnb as peft_bnb
+
+    peft_bnb.Linear4bit.forward = getattr(peft_bnb.Linear4bit.forward, "peft_forward", peft_bnb.Linear4bit.forward)

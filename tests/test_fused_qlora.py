@@ -1,0 +1,114 @@
+"""The fused QLoRA layer computes what PEFT computes: same outputs, same gradients, same trained adapter."""
+
+import pytest
+import torch
+from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
+
+from gemma_sft import fused_qlora
+
+DEMO = "recipes/gemma3_270m_belle_demo.yaml"
+FOUR_BIT = ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--use_bnb_nested_quant", "true"]
+
+
+@pytest.fixture
+def count_fused_calls(monkeypatch):
+    calls = []
+    forward = fused_qlora.QLoRALinear.forward
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return forward(*args)
+
+    monkeypatch.setattr(fused_qlora.QLoRALinear, "forward", staticmethod(counted))
+    yield calls
+    fused_qlora.disable()
+
+
+def four_bit_lora_model(model_dir, dropout):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quant)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would hide half of the adapter's gradient
+            torch.nn.init.normal_(param, std=0.02)
+    return model.train()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_layers_give_peft_outputs_and_gradients(tiny_model_dir, count_fused_calls, dropout):
+    model = four_bit_lora_model(tiny_model_dir, dropout)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
+    ids = torch.randint(10, 1000, (2, 33))
+    results = []
+    for fused in (False, True):
+        fused_qlora.enable() if fused else fused_qlora.disable()
+        torch.manual_seed(1)  # the same dropout masks both times
+        logits = model(ids).logits
+        (logits.float().pow(2).mean()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        results.append((logits.detach(), grads))
+    assert len(count_fused_calls) == len(layers) == 2 * 7  # every LoRA layer of both decoder layers, once
+    (peft_logits, peft_grads), (fused_logits, fused_grads) = results
+    assert peft_grads.keys() == fused_grads.keys() and len(peft_grads) == 2 * len(layers)
+    torch.testing.assert_close(fused_logits, peft_logits, atol=1e-5, rtol=1e-5)
+    for name, grad in peft_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_cases_it_does_not_cover_keep_peft_forward(tiny_model_dir, count_fused_calls):
+    model = four_bit_lora_model(tiny_model_dir, 0.0)
+    ids = torch.randint(10, 1000, (1, 9))
+    fused_qlora.enable()
+    with torch.no_grad():
+        with model.disable_adapter():  # the base model alone
+            base = model(ids).logits
+        assert not count_fused_calls
+        fused_qlora.disable()
+        expected = model(ids).logits
+        fused_qlora.enable()
+        assert not torch.allclose(base, expected)  # the adapter changes the output, so the check below means something
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert count_fused_calls
+    layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A"))
+    x = torch.zeros(1, 3, layer.in_features)
+    assert fused_qlora.covers(layer, x, (), {})
+    assert not fused_qlora.covers(layer, x.double(), (), {})  # not the dtype the layer computes in
+    assert not fused_qlora.covers(layer, x, (), {"adapter_names": ["default"]})  # mixed-adapter batches
+
+
+def test_training_with_fused_layers_learns_peft_adapter(tmp_path, tiny_model_dir, count_fused_calls):
+    """sft.py routes every QLoRA layer through the fused function and learns PEFT's adapter. (TRL keeps QLoRA adapters
+    in bf16, so their matmuls round differently by a hair: hence the bf16-sized tolerance.)"""
+    import json
+
+    from safetensors.torch import load_file
+
+    from sft import main as sft_main
+
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(16))
+    adapters, losses = [], []
+    for fused in ("false", "true"):
+        out = tmp_path / f"out-{fused}"
+        args = [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
+                *TINY_RECIPE_FLAGS, *FOUR_BIT, "--max_length", "128", "--eval_samples", "0", "--lora_dropout", "0",
+                "--fused_qlora", fused]  # fmt: skip
+        assert sft_main(args) == 0
+        assert bool(count_fused_calls) == (fused == "true")  # every forward of a QLoRA layer went through it
+        adapters.append(load_file(str(out / "adapter_model.safetensors")))
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses.append([entry["loss"] for entry in history if "loss" in entry])
+    assert len(count_fused_calls) % (2 * 7) == 0
+    assert len(losses[0]) == 5 and losses[0][-1] < losses[0][0]
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-4, rtol=0)
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 2 * 2 * 7
+    for name, tensor in adapters[0].items():
+        relative = (adapters[1][name].float() - tensor.float()).norm() / tensor.float().norm()
+        assert relative < 0.02, (name, relative)
