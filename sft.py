@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     modeling.check_precision(training_args, model_args)
     if not data_args.dry_run:
         resume_from = outputs.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
-        modeling.check_launch(model_args)
+        modeling.check_launch(model_args, training_args)
 
     ################
     # Data: rows -> Gemma chat messages -> token ids with the answer mask
@@ -104,7 +104,7 @@ def build_trainer(training_args, model_args, prepared, tokenizer, callbacks=(), 
     from gemma_sft import fused_qlora as fused
     from gemma_sft import modeling
 
-    modeling.patch_peft_for_fsdp()
+    modeling.patch_fsdp_checkpoints()
     if fused_qlora and model_args.load_in_4bit and not modeling.sharded_launch():
         fused.enable()
     else:

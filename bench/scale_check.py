@@ -30,7 +30,7 @@ RUNS = {
     ),
     "fsdp2": (
         [*LAUNCH, "--config_file", "accelerate_configs/fsdp_qlora.yaml", "--num_processes", "2"],
-        ["--gradient_accumulation_steps", "2", "--bnb_4bit_quant_storage", "bfloat16"],
+        ["--gradient_accumulation_steps", "2", "--bnb_4bit_quant_storage", "bfloat16", "--optim", "adamw_torch"],
     ),
 }
 RUNS["fsdp2_resumed"] = RUNS["fsdp2"]

@@ -81,8 +81,9 @@ def sharded_launch() -> bool:
     return fsdp_launch() or zero3_launch()
 
 
-def check_launch(model_args) -> None:
-    """One GPU per process, and when the model is sharded (FSDP, ZeRO-3): GPUs and 4-bit weights in a float dtype."""
+def check_launch(model_args, training_args) -> None:
+    """One GPU per process, and when the model is sharded (FSDP, ZeRO-3): GPUs, 4-bit weights in a float dtype, and
+    under FSDP with checkpoints an optimizer whose state FSDP can save."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # the Trainer would fall back to nn.DataParallel
         raise UserError(
@@ -104,18 +105,30 @@ def check_launch(model_args) -> None:
             f"{sharding} shards floating-point tensors only: store the 4-bit weights in bf16 with "
             f"--bnb_4bit_quant_storage bfloat16 (see accelerate_configs/{config})"
         )
+    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    checkpoints = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
+    if sharding == "FSDP" and checkpoints and any(tag in optim for tag in ("bnb", "8bit", "32bit")):
+        # bitsandbytes keeps its state in a nested dict that FSDP's optimizer checkpointing cannot shard or restore
+        raise UserError(
+            f"FSDP checkpoints cannot hold the state of bitsandbytes' optimizer ({optim}): pass --optim adamw_torch "
+            "(the same AdamW; the LoRA weights are small, so paging saves nothing), or --save_strategy no"
+        )
 
 
-def patch_peft_for_fsdp() -> None:
-    """Under an FSDP launch, let PEFT find the adapter inside FSDP-1's nested units when it saves and loads it.
+def patch_fsdp_checkpoints() -> None:
+    """Under an FSDP launch, make checkpoints hold and restore the whole training state (adapter and optimizer).
 
-    PEFT 0.21 picks the adapter's tensors by module name and expects FSDP's `_fsdp_wrapped_module.` only at the start
-    of a name. With a unit per decoder layer and per LoRA leaf the segment also sits mid-name, so the final adapter was
-    saved empty and checkpoints held nothing. Loading a checkpoint into the FSDP root fails too: PEFT reads the root's
-    parameter names as those of a model without its `base_model.model.` prefix and loads nothing. Here the key
-    prefixes lose every wrapper segment (as FSDP's own state dicts do) and loading goes through the root's PEFT model.
+    1. PEFT 0.21 picks the adapter's tensors by module name and expects FSDP's `_fsdp_wrapped_module.` only at the
+       start of a name. With a unit per decoder layer and per LoRA leaf the segment also sits mid-name, so the final
+       adapter was saved empty and checkpoints held nothing. Here the key prefixes lose every wrapper segment (as
+       FSDP's own state dicts do).
+    2. Loading a checkpoint into the FSDP root: PEFT reads the root's parameter names as those of a model without its
+       `base_model.model.` prefix and loads nothing. Loading goes through the root's PEFT model instead.
+    3. accelerate 1.15 loads a sharded optimizer checkpoint into the shape of the optimizer's current state, and on
+       resume the optimizer has none yet: the Adam moments were silently dropped. They are created first (below).
     """
     import peft
+    import transformers.trainer
     from peft.tuners import tuners_utils
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -123,6 +136,7 @@ def patch_peft_for_fsdp() -> None:
     if not fsdp_launch() or getattr(original_prefixes, "sees_through_fsdp", False):
         return
     original_load = peft.set_peft_model_state_dict  # what accelerate's FSDP checkpoint loader imports
+    load_optimizer = transformers.trainer.load_fsdp_optimizer
 
     def key_prefixes(model, adapter_name=None):
         return {prefix.replace("_fsdp_wrapped_module.", "") for prefix in original_prefixes(model, adapter_name)}
@@ -132,9 +146,37 @@ def patch_peft_for_fsdp() -> None:
             model = model.module
         return original_load(model, *args, **kwargs)
 
+    def load_optimizer_state(fsdp_plugin, accelerator, optimizer, *args, **kwargs):
+        create_optimizer_state(getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the torch optimizer
+        return load_optimizer(fsdp_plugin, accelerator, optimizer, *args, **kwargs)
+
     key_prefixes.sees_through_fsdp = True
     tuners_utils._get_tuner_state_dict_key_prefixes = key_prefixes
     peft.set_peft_model_state_dict = load_adapter_state
+    transformers.trainer.load_fsdp_optimizer = load_optimizer_state
+
+
+def create_optimizer_state(optimizer) -> None:
+    """Give every trained parameter its optimizer state (Adam's moments) without changing any parameter: one step
+    with zero gradients, learning rate 0 and weight decay 0 (optimizers create their state on their first step)."""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    kept_settings = [(group["lr"], group.get("weight_decay")) for group in optimizer.param_groups]
+    kept_grads = [p.grad for p in params]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        if "weight_decay" in group:
+            group["weight_decay"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, (lr, weight_decay) in zip(optimizer.param_groups, kept_settings):
+        group["lr"] = lr
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
+    for p, grad in zip(params, kept_grads):
+        p.grad = grad
 
 
 def stop_token_ids(tokenizer) -> list[int]:

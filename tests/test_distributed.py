@@ -2,6 +2,8 @@
 and the adapter is saved once. On CPU, `--use_cpu true` is what makes accelerate pick its multi-CPU (gloo) mode.
 Also: the accelerate configs load, and the FSDP one wraps every layer of the real Gemma 3 architecture."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import (
@@ -85,7 +87,10 @@ def test_processes_without_data_parallelism_are_refused(tmp_path, tiny_model_dir
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
-@pytest.mark.parametrize(("name", "kind"), [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp_qlora", "FSDP")])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp_qlora", "FSDP"), ("deepspeed_zero3", "DEEPSPEED")],
+)
 def test_accelerate_configs_load_and_say_how_to_launch_them(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -94,9 +99,13 @@ def test_accelerate_configs_load_and_say_how_to_launch_them(name, kind):
     assert config.distributed_type == kind and config.mixed_precision == "bf16"
     header = path.read_text(encoding="utf-8").split("\n\n")[0]
     assert f"accelerate launch --config_file accelerate_configs/{name}.yaml" in header
-    if name == "fsdp_qlora":  # 4-bit weights must be stored in a float dtype for FSDP to shard them
+    if name in ("fsdp_qlora", "deepspeed_zero3"):  # 4-bit weights must be stored in a float dtype to be sharded
         assert "--bnb_4bit_quant_storage bfloat16" in header
+    if name == "fsdp_qlora":
+        assert "--optim adamw_torch" in header  # FSDP cannot checkpoint bitsandbytes' optimizer state
         assert config.fsdp_config["fsdp_use_orig_params"] is False
+    if name == "deepspeed_zero3":  # weights partitioned while loading; the adapter gathered into one file
+        assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_init_flag"] is True
 
 
 @pytest.mark.parametrize("architecture", ["gemma-3-4b-it", "text-only"])
@@ -137,25 +146,40 @@ def test_launches_that_cannot_work_are_refused_with_the_fix(monkeypatch):
     from gemma_sft import UserError, modeling
 
     four_bit = ModelConfig(load_in_4bit=True)
-    modeling.check_launch(four_bit)  # one process, at most one GPU, no FSDP: nothing to refuse
+    mission = SimpleNamespace(optim="paged_adamw_32bit", save_strategy="steps")  # the fields check_launch reads
+    fsdp_ready = SimpleNamespace(optim="adamw_torch", save_strategy="steps")
+    modeling.check_launch(four_bit, mission)  # one process, at most one GPU, no FSDP: nothing to refuse
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(UserError, match=r"2 GPUs are visible to one process.*--num_processes 2.*CUDA_VISIBLE_DEVICES"):
-        modeling.check_launch(four_bit)
+        modeling.check_launch(four_bit, mission)
     monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch / torchrun each process takes one GPU
-    modeling.check_launch(four_bit)
+    modeling.check_launch(four_bit, mission)
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"FSDP needs CUDA GPUs; on CPU.*--use_cpu true"):
-        modeling.check_launch(four_bit)
+        modeling.check_launch(four_bit, mission)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(UserError, match="--bnb_4bit_quant_storage bfloat16"):
-        modeling.check_launch(four_bit)
+        modeling.check_launch(four_bit, mission)
     bf16_storage = ModelConfig(load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
-    modeling.check_launch(bf16_storage)
-    modeling.check_launch(ModelConfig(load_in_4bit=False))
+    with pytest.raises(UserError, match=r"FSDP checkpoints cannot hold .*paged_adamw_32bit.*--optim adamw_torch"):
+        modeling.check_launch(bf16_storage, mission)
+    modeling.check_launch(bf16_storage, fsdp_ready)
+    no_checkpoints = SimpleNamespace(optim="paged_adamw_32bit", save_strategy="no")
+    modeling.check_launch(bf16_storage, no_checkpoints)
+    modeling.check_launch(ModelConfig(load_in_4bit=False), fsdp_ready)
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(
+        UserError, match=r"DeepSpeed ZeRO-3 shards .*--bnb_4bit_quant_storage bfloat16.*deepspeed_zero3"
+    ):
+        modeling.check_launch(four_bit, mission)
+    modeling.check_launch(bf16_storage, mission)  # DeepSpeed saves and restores bitsandbytes' state (measured)
 
 
 # Two gloo processes shard a tiny Gemma 3 + LoRA with FSDP-1 as our config does (each decoder layer and LoRA leaf its
@@ -174,13 +198,14 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullStateDictConfig, ShardedOptimStateDictConfig, ShardedStateDictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
 from accelerate import PartialState
-from accelerate.utils import load_fsdp_model, save_fsdp_model
+from accelerate.utils import load_fsdp_model, save_fsdp_model, save_fsdp_optimizer
+import transformers.trainer  # resume loads the optimizer through the Trainer's import of accelerate's loader
 from peft import LoraConfig, get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import Gemma3ForCausalLM
 from gemma_sft import modeling
 
-modeling.patch_peft_for_fsdp()
+modeling.patch_fsdp_checkpoints()
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 PartialState(cpu=True)  # accelerate's helpers log through it
@@ -196,10 +221,16 @@ def full_state(wrapped):
         return wrapped.state_dict()
 
 model, wrapped = sharded_lora(seed=0)
-optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.5)
+adamw = lambda fsdp_model: torch.optim.AdamW([p for p in fsdp_model.parameters() if p.requires_grad], lr=0.05)
+optimizer = adamw(wrapped)
 ids = torch.tensor([[2, 10, 20, 30, 40, 50]])
-wrapped(input_ids=ids, labels=ids).loss.backward()
-optimizer.step()
+
+def train_step(fsdp_model, optim):
+    fsdp_model(input_ids=ids, labels=ids).loss.backward()
+    optim.step()
+    optim.zero_grad()
+
+train_step(wrapped, optimizer)
 full = full_state(wrapped)
 if rank == 0:
     model.save_pretrained(os.path.join(out, "adapter"), state_dict=full)
@@ -211,20 +242,29 @@ plugin = SimpleNamespace(fsdp_version=1, state_dict_type=StateDictType.SHARDED_S
 accelerator = SimpleNamespace(process_index=rank, num_processes=2, is_main_process=rank == 0, is_fsdp2=False,
                               wait_for_everyone=dist.barrier)
 save_fsdp_model(plugin, accelerator, wrapped, os.path.join(out, "checkpoint"), adapter_only=True)
+save_fsdp_optimizer(plugin, accelerator, optimizer, wrapped, os.path.join(out, "checkpoint"))
 _, resumed = sharded_lora(seed=1)  # other initial LoRA weights: only a real restore brings the trained ones back
 load_fsdp_model(plugin, accelerator, resumed, os.path.join(out, "checkpoint"), adapter_only=True)
 restored = full_state(resumed)
+resumed_optimizer = adamw(resumed)  # fresh, as the Trainer creates it before loading a checkpoint
+checkpoint = os.path.join(out, "checkpoint")
+transformers.trainer.load_fsdp_optimizer(plugin, accelerator, resumed_optimizer, resumed, checkpoint)
+train_step(wrapped, optimizer)  # the uninterrupted run and the resumed one take the same next step
+train_step(resumed, resumed_optimizer)
+continued, resumed_continued = full_state(wrapped), full_state(resumed)
 if rank == 0:
     lora = lambda state: {k: v for k, v in state.items() if "lora_" in k}
-    torch.save({"trained": lora(full), "restored": lora(restored)}, os.path.join(out, "lora.pt"))
+    torch.save({"trained": lora(full), "restored": lora(restored), "continued": lora(continued),
+                "resumed_continued": lora(resumed_continued)}, os.path.join(out, "lora.pt"))
 dist.destroy_process_group()
 """
 
 
 def test_fsdp_saves_and_resumes_the_whole_adapter(tmp_path, tiny_model_dir):
     """PEFT 0.21 alone finds no adapter tensor inside FSDP-1's nested units: an empty adapter file, empty checkpoints,
-    and a resume that restores nothing. With gemma_sft.modeling.patch_peft_for_fsdp every LoRA tensor is saved,
-    reloads without FSDP, and comes back from a checkpoint exactly."""
+    and a resume that restores nothing; accelerate 1.15 restores no optimizer state into a fresh optimizer. With
+    gemma_sft.modeling.patch_fsdp_checkpoints every LoRA tensor is saved, reloads without FSDP, and comes back from a
+    checkpoint exactly, with the Adam moments: the resumed run continues as if never stopped."""
     from accelerate.commands.config.config_args import load_config_from_file
     from peft import PeftModel
     from transformers import Gemma3ForCausalLM
@@ -246,6 +286,10 @@ def test_fsdp_saves_and_resumes_the_whole_adapter(tmp_path, tiny_model_dir):
     assert restored.keys() == trained.keys()
     for name in trained:
         torch.testing.assert_close(restored[name], trained[name], atol=0, rtol=0)
+    # Adam's moments came back too: the resumed run's next step is the uninterrupted run's next step
+    assert any(not torch.equal(lora["continued"][n], trained[n]) for n in trained)
+    for name in trained:
+        torch.testing.assert_close(lora["resumed_continued"][name], lora["continued"][name], atol=0, rtol=0)
     assert outputs.has_model_weights(tmp_path / "checkpoint")  # what resume looks for
 
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
