@@ -116,7 +116,7 @@ def main() -> int:
         if "error" in r:
             print(f"| {name} | failed | | | | |")
             continue
-        same = r["tensors"] == reference
+        same = "no 1gpu run" if reference is None else r["tensors"] == reference
         print(
             f"| {name} | {r['losses']} | {len(r['tensors'])} | {same} | {r['checkpoints']} | "
             f"rc {r['evaluate_rc']}: {r['evaluate_tail'][-1] if r['evaluate_tail'] else ''} |"
