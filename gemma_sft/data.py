@@ -164,7 +164,8 @@ def detect_format(record: Record) -> str:
         return "prompt_completion"
     if "text" in keys:
         return "text"
-    shown = ", ".join(sorted(map(str, keys))[:8]) or "none"
+    # JSON-quoted: a key may hold a newline or other control characters, and the error stays on one line
+    shown = ", ".join(json.dumps(key, ensure_ascii=False) for key in sorted(keys)[:8]) or "none"
     expected = "; ".join(FORMATS.values())
     raise UserError(f"{record.where}: unknown data format (keys: {shown}); expected one of: {expected}")
 

@@ -73,7 +73,8 @@ def test_json_array_files_report_the_line_of_each_row(tmp_path):
         ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"\n', r":2: invalid JSON"),
         ('{"instruction": "a", "output": "b"}\n{"output": "d"}\n', r":2: missing required field 'instruction'"),
         ('{"instruction": "a", "output": "b"}\n[1, 2]\n', r":2: expected a JSON object per row, got list"),
-        ('{"question": "a", "answer": "b"}\n', r":1: unknown data format \(keys: answer, question\)"),
+        ('{"question": "a", "answer": "b"}\n', r':1: unknown data format \(keys: "answer", "question"\)'),
+        ('{"问\\n题": "a"}\n', r':1: unknown data format \(keys: "问\\n题"\)'),  # a newline in a key stays escaped
         ('{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
          r":1: messages\[1\]\.role must be 'system', 'user' or 'assistant'"),
         ('{"messages": [{"role": "user", "content": "a"}]}\n', r":1: field 'messages' must end with an assistant"),
