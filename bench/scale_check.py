@@ -22,22 +22,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path("/tmp/gemma-sft-bench")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+ON_2 = ["--num_processes", "2"]
+SAME_BATCH_ON_2 = ["--gradient_accumulation_steps", "2"]  # the one-GPU global batch, so the curves compare
+# sharding needs the 4-bit weights in a float dtype
+SHARDED = [*SAME_BATCH_ON_2, "--bnb_4bit_quant_storage", "bfloat16"]
 RUNS = {
     "1gpu": ([sys.executable], []),
-    "ddp2": (
-        [*LAUNCH, "--config_file", "accelerate_configs/multi_gpu.yaml", "--num_processes", "2"],
-        ["--gradient_accumulation_steps", "2"],
-    ),
+    "ddp2": ([*LAUNCH, "--config_file", "accelerate_configs/multi_gpu.yaml", *ON_2], SAME_BATCH_ON_2),
+    # FSDP cannot checkpoint bitsandbytes' optimizer state: torch's AdamW
     "fsdp2": (
-        [*LAUNCH, "--config_file", "accelerate_configs/fsdp_qlora.yaml", "--num_processes", "2"],
-        ["--gradient_accumulation_steps", "2", "--bnb_4bit_quant_storage", "bfloat16", "--optim", "adamw_torch"],
+        [*LAUNCH, "--config_file", "accelerate_configs/fsdp_qlora.yaml", *ON_2],
+        [*SHARDED, "--optim", "adamw_torch"],
     ),
+    "zero3": ([*LAUNCH, "--config_file", "accelerate_configs/deepspeed_zero3.yaml", *ON_2], SHARDED),
 }
 RUNS["fsdp2_resumed"] = RUNS["fsdp2"]
-RUNS["zero3"] = (
-    [*LAUNCH, "--config_file", "accelerate_configs/deepspeed_zero3.yaml", "--num_processes", "2"],
-    ["--gradient_accumulation_steps", "2", "--bnb_4bit_quant_storage", "bfloat16"],
-)
 RUNS["zero3_resumed"] = RUNS["zero3"]
 
 
