@@ -8,12 +8,13 @@ bitsandbytes). Each set-up runs in its own process so memory peaks and kernel pa
     python bench/bench.py                       # every set-up; results in bench/results.json and a table
     python bench/bench.py --only ours original  # a subset
 
-Figures: trained tokens/s is the median over the steps after the warm-up steps (tokens that enter the model,
-all real: packing is padding-free and unpacked rows run at batch size 1); start-up is model load plus everything
+Figures: trained tokens/s is the real tokens of the steps after the warm-up steps over their time (padding that
+makes every packed row one shape costs time and counts no tokens); start-up is model load plus everything
 before the first step; warm-up extra is the time the warm-up steps took beyond their tokens at the steady rate
 (compilation, autotuning); MFU counts 4 FLOPs per trained token per weight of the language model's linear layers
 and its 262k-vocabulary head (forward + input-gradient backward; LoRA's own weight gradients, attention scores and
-recomputation are not counted), against the card's dense bf16 peak from its datasheet.
+recomputation are not counted), against the card's dense bf16 peak from its datasheet; peak GiB is the most
+memory tensors held, reserved GiB what the caching allocator held (what a card must have, plus the CUDA context).
 """
 
 import argparse
@@ -35,10 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "bench" / "gemma-3-4b-it.config.json"
 MISSION = str(ROOT / "recipes" / "gemma3_belle.yaml")
+LOW_MEMORY = str(
+    ROOT / "recipes" / "gemma3_belle_low_memory.yaml"
+)  # 8,192-token rows: the mission recipe until run 14
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM parts
 MISSION_ROWS, MISSION_EPOCHS = 2000, 3
 
-FAST = str(ROOT / "recipes" / "gemma3_belle_fast.yaml")
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "multi_gpu.yaml")]
 FSDP = ["--config_file", str(ROOT / "accelerate_configs" / "fsdp_qlora.yaml")]
 ZERO3 = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml")]
@@ -47,100 +50,137 @@ COMPILE = ["--torch_compile", "true"]
 NO_FUSED = ["--fused_qlora", "false"]
 GC_EVERY_2 = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
 BF16_STORAGE = ["--bnb_4bit_quant_storage", "bfloat16"]  # FSDP shards only floating-point tensors
+NO_DROPOUT = ["--lora_dropout", "0"]
+FAST = [*NO_DROPOUT, *GC_EVERY_2]  # gemma3_belle_fast.yaml until run 14: 8k rows, no dropout, every 2nd layer
+ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # the same tokens per optimizer step
 ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "2"]
 
 # name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
 SETUPS = {
+    "ours": (
+        "gemma3_belle.yaml as shipped: one packed row of 32,768 tokens per step (padded to that one shape), "
+        "flex_attention, liger, fused QLoRA, full checkpointing",
+        MISSION,
+        [],
+        None,
+    ),
+    "ours_peft": ("as shipped, with PEFT's own QLoRA layers (fused_qlora false)", MISSION, NO_FUSED, None),
+    "nodrop": ("as shipped, lora_dropout 0", MISSION, NO_DROPOUT, None),
+    "low_memory": (
+        "gemma3_belle_low_memory.yaml: packed rows of 8,192 tokens x accumulation 4 (the mission recipe until run 14)",
+        LOW_MEMORY,
+        [],
+        None,
+    ),
+    "low_memory_16k": (
+        "low-memory recipe with rows of 16,384 tokens x accumulation 2, padded to that one shape",
+        LOW_MEMORY,
+        ["--max_length", "16384", "--gradient_accumulation_steps", "2", "--pad_to_multiple_of", "16384"],
+        None,
+    ),
+    # The lever sweeps of runs 1-14, on 8,192-token rows (the low-memory recipe; the mission recipe back then).
     "original": (
         "original tool: batch 1 x accumulation 4, no packing, grad checkpointing, sdpa",
-        MISSION,
+        LOW_MEMORY,
         ["--packing", "false", "--max_length", "1024", *SDPA_NO_LIGER],
         None,
     ),
-    "pack4k": ("packing 4,096 tokens per row, sdpa", MISSION, ["--max_length", "4096", *SDPA_NO_LIGER], None),
-    "pack8k": ("packing 8,192 tokens per row, sdpa", MISSION, SDPA_NO_LIGER, None),
+    "pack4k": ("packing 4,096 tokens per row, sdpa", LOW_MEMORY, ["--max_length", "4096", *SDPA_NO_LIGER], None),
+    "pack8k": ("packing 8,192 tokens per row, sdpa", LOW_MEMORY, SDPA_NO_LIGER, None),
     "pack8k_flex": (
         "packing 8,192 + flex_attention (per-sample block mask)",
-        MISSION,
+        LOW_MEMORY,
         ["--use_liger_kernel", "false"],
         None,
     ),
-    "pack8k_liger": ("packing 8,192 + liger kernels, sdpa", MISSION, ["--attn_implementation", "sdpa"], None),
-    "ours": ("gemma3_belle.yaml as shipped: packing 8,192 + flex_attention + liger + fused QLoRA", MISSION, [], None),
-    "ours_peft": ("as shipped, with PEFT's own QLoRA layers (fused_qlora false)", MISSION, NO_FUSED, None),
-    "fast_peft": ("gemma3_belle_fast.yaml, with PEFT's own QLoRA layers", FAST, NO_FUSED, None),
-    "ours_nogc": ("as shipped, without grad checkpointing", MISSION, ["--gradient_checkpointing", "false"], None),
-    "nodrop": ("as shipped, lora_dropout 0", MISSION, ["--lora_dropout", "0"], None),
-    "gc2": ("as shipped, checkpointing every 2nd layer only", MISSION, GC_EVERY_2, None),
-    "compile": ("as shipped + torch.compile of each decoder layer", MISSION, COMPILE, None),
+    "pack8k_liger": ("packing 8,192 + liger kernels, sdpa", LOW_MEMORY, ["--attn_implementation", "sdpa"], None),
+    "low_memory_peft": ("low-memory recipe with PEFT's own QLoRA layers", LOW_MEMORY, NO_FUSED, None),
+    "low_memory_nogc": (
+        "low-memory recipe without grad checkpointing",
+        LOW_MEMORY,
+        ["--gradient_checkpointing", "false"],
+        None,
+    ),
+    "low_memory_nodrop": ("low-memory recipe, lora_dropout 0", LOW_MEMORY, NO_DROPOUT, None),
+    "gc2": ("low-memory recipe, checkpointing every 2nd layer only", LOW_MEMORY, GC_EVERY_2, None),
+    "compile": ("low-memory recipe + torch.compile of each decoder layer", LOW_MEMORY, COMPILE, None),
     "compile_gc2": (
-        "as shipped + torch.compile, checkpointing every 2nd layer only",
-        MISSION,
+        "low-memory recipe + torch.compile, checkpointing every 2nd layer only",
+        LOW_MEMORY,
         [*COMPILE, *GC_EVERY_2],
         None,
     ),
-    "fast": ("gemma3_belle_fast.yaml as shipped: lora_dropout 0, checkpointing every 2nd layer", FAST, [], None),
-    "fast_16k": (
-        "gemma3_belle_fast.yaml, packed rows of 16,384 tokens x accumulation 2",
+    "fast": (
+        "8k rows, lora_dropout 0, checkpointing every 2nd layer (gemma3_belle_fast.yaml until run 14)",
+        LOW_MEMORY,
         FAST,
-        ["--max_length", "16384", "--gradient_accumulation_steps", "2"],
         None,
     ),
-    "ours_32k": (
-        "as shipped, packed rows of 32,768 tokens x accumulation 1",
-        MISSION,
-        ["--max_length", "32768", "--gradient_accumulation_steps", "1"],
+    "fast_peft": ("as fast, with PEFT's own QLoRA layers", LOW_MEMORY, [*FAST, *NO_FUSED], None),
+    "fast_16k": (
+        "as fast, packed rows of 16,384 tokens x accumulation 2",
+        LOW_MEMORY,
+        [*FAST, "--max_length", "16384", "--gradient_accumulation_steps", "2"],
         None,
     ),
+    "ours_32k": ("low-memory recipe with rows of 32,768 x accumulation 1 (not padded)", LOW_MEMORY, ROWS_32K, None),
+    "ours_32k_static": (
+        "low-memory recipe with rows of 32,768 x accumulation 1, padded to 32,768 (today's gemma3_belle.yaml)",
+        LOW_MEMORY,
+        [*ROWS_32K, "--pad_to_multiple_of", "32768"],
+        None,
+    ),
+    "nodrop_32k_static": (
+        "as ours_32k_static, lora_dropout 0",
+        LOW_MEMORY,
+        [*NO_DROPOUT, *ROWS_32K, "--pad_to_multiple_of", "32768"],
+        None,
+    ),
+    "nodrop_32k": ("as ours_32k, lora_dropout 0", LOW_MEMORY, [*NO_DROPOUT, *ROWS_32K], None),
     "ours_static": (
-        "as shipped, each packed row padded to 8,192 tokens: one shape, so flex_attention and Liger compile once",
-        MISSION,
+        "low-memory recipe, each packed row padded to 8,192 tokens: one shape to compile",
+        LOW_MEMORY,
         ["--pad_to_multiple_of", "8192"],
         None,
     ),
-    "nodrop_32k": (
-        "as shipped, lora_dropout 0, packed rows of 32,768 tokens x accumulation 1",
-        MISSION,
-        ["--lora_dropout", "0", "--max_length", "32768", "--gradient_accumulation_steps", "1"],
-        None,
-    ),
-    # Several GPUs: accumulation 2 instead of 4 keeps the global batch (and so the loss curve) of the one-GPU rows.
-    "ours_ddp2": ("gemma3_belle.yaml, DDP on 2 GPUs, accumulation 2", MISSION, SAME_BATCH_ON_2, [*DDP, *ON_2]),
+    # Several GPUs, on 8,192-token rows: accumulation 2 instead of 4 keeps the one-GPU global batch (and so the loss
+    # curve). The mission recipe's one 32k row per step cannot be halved that way; these show how training scales.
+    "ours_ddp2": ("low-memory recipe, DDP on 2 GPUs, accumulation 2", LOW_MEMORY, SAME_BATCH_ON_2, [*DDP, *ON_2]),
     "ours_ddp2_static": (
         "as ours_ddp2, without DDP's per-step search for unused parameters (TRL's default for Gemma 3)",
-        MISSION,
+        LOW_MEMORY,
         [*SAME_BATCH_ON_2, "--ddp_find_unused_parameters", "false"],
         [*DDP, *ON_2],
     ),
-    "fast_ddp2": ("gemma3_belle_fast.yaml, DDP on 2 GPUs, accumulation 2", FAST, SAME_BATCH_ON_2, [*DDP, *ON_2]),
+    "fast_ddp2": ("as fast, DDP on 2 GPUs, accumulation 2", LOW_MEMORY, [*FAST, *SAME_BATCH_ON_2], [*DDP, *ON_2]),
     "ours_fsdp1": (
-        "gemma3_belle.yaml, FSDP-QLoRA on 1 GPU (the baseline for per-GPU memory)",
-        MISSION,
+        "low-memory recipe, FSDP-QLoRA on 1 GPU (the baseline for per-GPU memory)",
+        LOW_MEMORY,
         BF16_STORAGE,
         [*FSDP, "--num_processes", "1"],
     ),
     "ours_fsdp2": (
-        "gemma3_belle.yaml, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16), accumulation 2",
-        MISSION,
+        "low-memory recipe, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16), accumulation 2",
+        LOW_MEMORY,
         [*BF16_STORAGE, *SAME_BATCH_ON_2],
         [*FSDP, *ON_2],
     ),
     "ours_zero3_2": (
-        "gemma3_belle.yaml, DeepSpeed ZeRO-3 on 2 GPUs (4-bit weights stored in bf16), accumulation 2",
-        MISSION,
+        "low-memory recipe, DeepSpeed ZeRO-3 on 2 GPUs (4-bit weights stored in bf16), accumulation 2",
+        LOW_MEMORY,
         [*BF16_STORAGE, *SAME_BATCH_ON_2],
         [*ZERO3, *ON_2],
     ),
     # For memory on bigger architectures: sdpa and no Liger, so no Triton kernels to compile for new shapes.
     "sdpa_fsdp1": (
         "as ours_fsdp1 with sdpa, no Liger",
-        MISSION,
+        LOW_MEMORY,
         [*BF16_STORAGE, *SDPA_NO_LIGER],
         [*FSDP, "--num_processes", "1"],
     ),
     "sdpa_fsdp2": (
         "as ours_fsdp2 with sdpa, no Liger",
-        MISSION,
+        LOW_MEMORY,
         [*BF16_STORAGE, *SAME_BATCH_ON_2, *SDPA_NO_LIGER],
         [*FSDP, *ON_2],
     ),
@@ -266,17 +306,18 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
                 self.losses.append(round(float(logs["loss"]), 4))
 
     timer = Timer()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()  # reserved memory's peak as well
     trainer = build_trainer(training_args, model_args, prepared, tokenizer, [timer], data_args.fused_qlora)
     trainer.train()
     processes = trainer.accelerator.num_processes
     if not trainer.is_world_process_zero():
         return {}
     steady = list(zip(timer.times[warmup:], timer.tokens[warmup:])) or list(zip(timer.times, timer.tokens))
-    rates = [tokens / seconds for seconds, tokens in steady]
     card = torch.cuda.get_device_name()
     peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in card), 989e12)
-    tok_s = statistics.median(rates)
+    # all timed steps' tokens over their time: rows of different lengths (the last, part-filled row of each packing
+    # batch) weigh as much as they take
+    tok_s = sum(tokens for _, tokens in steady) / sum(seconds for seconds, _ in steady)
     # the warm-up steps' time beyond what their tokens take at the steady rate: compilation and other first-step costs
     warmup_excess = sum(max(0.0, t - n / tok_s) for t, n in zip(timer.times[:warmup], timer.tokens[:warmup]))
     raw = json.loads(model_config.read_text())
@@ -295,9 +336,11 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "startup_s": round(timer.first_step_at - started, 1),
         "warmup_excess_s": round(warmup_excess, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 1),
         "mfu_percent": round(100 * tok_s / processes * flops_per_token(raw) / peak, 1),
         "losses": timer.losses,
         "step_s": [round(t, 3) for t in timer.times],
+        "step_tokens": timer.tokens,
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(timer.first_step_at - started + warmup_excess + mission_tokens / tok_s),
     }
@@ -338,19 +381,19 @@ def write_python_profile(profile, step_seconds: float, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def table(results: list[dict]) -> str:
     lines = [
-        "| set-up | GPUs | tokens/s | tokens/s/GPU | tokens/step | start-up s | warm-up extra s | peak GiB | MFU % | "
-        "mission wall s | first -> last loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| set-up | GPUs | tokens/s | tokens/s/GPU | tokens/step | start-up s | warm-up extra s | peak GiB | "
+        "reserved GiB | MFU % | mission wall s | first -> last loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['setup']} | | failed: {r['error'][:60]} | | | | | | | | |")
+            lines.append(f"| {r['setup']} | | failed: {r['error'][:60]} | | | | | | | | | |")
             continue
         loss = f"{r['losses'][0]} -> {r['losses'][-1]}" if r["losses"] else ""
         lines.append(
             f"| {r['setup']} | {r['processes']} | {r['tokens_per_s']:,} | {r['tokens_per_s_per_gpu']:,} | "
             f"{r['tokens_per_step']:,} | {r['startup_s']} | {r.get('warmup_excess_s', '')} | {r['peak_gib']} | "
-            f"{r['mfu_percent']} | {r['mission_wall_s']:,} | {loss} |"
+            f"{r.get('peak_reserved_gib', '')} | {r['mfu_percent']} | {r['mission_wall_s']:,} | {loss} |"
         )
     return "\n".join(lines)
 
