@@ -66,6 +66,7 @@ SETUPS = {
     ),
     "ours_peft": ("as shipped, with PEFT's own QLoRA layers (fused_qlora false)", MISSION, NO_FUSED, None),
     "nodrop": ("as shipped, lora_dropout 0", MISSION, NO_DROPOUT, None),
+    "ours_compile": ("as shipped + torch.compile of each decoder layer", MISSION, COMPILE, None),
     "low_memory": (
         "gemma3_belle_low_memory.yaml: packed rows of 8,192 tokens x accumulation 4 (the mission recipe until run 14)",
         LOW_MEMORY,
