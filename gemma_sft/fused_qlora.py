@@ -4,7 +4,7 @@ PEFT computes a QLoRA layer as bitsandbytes' 4-bit matmul, a defensive copy of i
 (dropout, A, B, a multiply by the scaling, an add), each a separate kernel and a separate node of the autograd graph.
 With ~35 packed samples per row the GPU finishes these faster than Python issues them, so the host sets the pace.
 Here the same arithmetic is one function: dequantize, one matmul for the frozen weight, one for A, and B's product
-added into the output by the same matmul call (addmm), with a backward pass written out by hand. Same results up to
+added into the output in place by the same matmul call (addmm_), with a backward pass written out by hand. Same results up to
 rounding (the adapter output is rounded once instead of twice); layers it does not cover keep PEFT's own forward.
 """
 
@@ -27,8 +27,8 @@ class QLoRALinear(torch.autograd.Function):
         x2d, lora_x2d = x.reshape(-1, x.shape[-1]), lora_x.reshape(-1, lora_x.shape[-1]).to(lora_dtype)
         weight = bnb_functional.dequantize_4bit(packed_weight, quant_state).to(dtype)
         down = lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
-        if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): B's product lands in the same call
-            out = torch.addmm(x2d @ weight.t(), down, b.t(), alpha=scaling)
+        if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): B's product lands in the same call,
+            out = (x2d @ weight.t()).addmm_(down, b.t(), alpha=scaling)  # in place (out-of-place copies the output)
         else:  # rounded as PEFT rounds it: the adapter's output in its own dtype, then added
             out = (x2d @ weight.t()).add_((down @ b.t()).mul_(scaling).to(dtype))
         ctx.save_for_backward(lora_x2d, down, a, b)
@@ -52,7 +52,7 @@ class QLoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0] or (ctx.shared_input and ctx.needs_input_grad[1]):
             weight = bnb_functional.dequantize_4bit(ctx.packed_weight, ctx.quant_state).to(grad2d.dtype)
             if ctx.shared_input:  # no dropout: both branches saw x, so their input gradients add up in one call
-                grad_x = torch.addmm(grad2d @ weight, grad_down.to(grad2d.dtype), a.to(grad2d.dtype)).view(x_shape)
+                grad_x = (grad2d @ weight).addmm_(grad_down.to(grad2d.dtype), a.to(grad2d.dtype)).view(x_shape)
             else:
                 grad_x = (grad2d @ weight).view(x_shape)
         if not ctx.shared_input and ctx.needs_input_grad[1]:
