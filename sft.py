@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     trainer.accelerator.print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     processes, accumulation = trainer.accelerator.num_processes, training_args.gradient_accumulation_steps
     if processes > 1:  # recipes are tuned for one GPU: say what the step became
-        keep = f"; --gradient_accumulation_steps {accumulation // processes} keeps the one-GPU batch"
+        keep = config.one_gpu_batch_flags(training_args, processes)
         trainer.accelerator.print(
             f"Each optimizer step: {processes} processes x {accumulation} accumulation steps x "
-            f"{training_args.per_device_train_batch_size} rows{keep if accumulation % processes == 0 else ''}"
+            f"{training_args.per_device_train_batch_size} rows{f'; {keep} keeps the one-GPU batch' if keep else ''}"
         )
 
     ################

@@ -1,8 +1,9 @@
 """End-to-end check of training on several GPUs, through sft.py exactly as a user launches it (needs 2 CUDA GPUs).
 
-Trains the mission recipe for a few steps on the benchmark's random gemma-3-4b-it and Belle-like rows (run
-bench/bench.py once first to build them) three ways: one GPU, DDP on 2 GPUs, FSDP-QLoRA on 2 GPUs; the 2-GPU runs
-halve gradient accumulation so every run takes the same global batch. Then, in a single process, it loads each
+Trains the low-memory recipe (the mission job in 4 x 8,192-token rows per step, which split evenly over GPUs) for a
+few steps on the benchmark's random gemma-3-4b-it and Belle-like rows (run bench/bench.py once first to build them)
+three ways: one GPU, DDP on 2 GPUs, FSDP-QLoRA on 2 GPUs; the 2-GPU runs halve gradient accumulation so every run
+takes the same global batch. Then, in a single process, it loads each
 adapter through evaluate.py and checks that the adapters hold the same tensors, and prints the loss curves.
 `zero3` is DeepSpeed ZeRO-3. `fsdp2_resumed` (`zero3_resumed`) is the FSDP (ZeRO-3) run stopped after its first
 checkpoint (half the steps) and started again with the same command: its curve after the checkpoint must continue
@@ -22,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path("/tmp/gemma-sft-bench")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+RECIPE = "recipes/gemma3_belle_low_memory.yaml"
 ON_2 = ["--num_processes", "2"]
 SAME_BATCH_ON_2 = ["--gradient_accumulation_steps", "2"]  # the one-GPU global batch, so the curves compare
 # sharding needs the 4-bit weights in a float dtype
@@ -85,7 +87,7 @@ def main() -> int:
         prefix, flags = RUNS[name]
         output_dir = WORK / f"scale-{name}"
         shutil.rmtree(output_dir, ignore_errors=True)
-        command = [*prefix, "sft.py", "recipes/gemma3_belle.yaml", *common, *flags, "--output_dir", str(output_dir)]
+        command = [*prefix, "sft.py", RECIPE, *common, *flags, "--output_dir", str(output_dir)]
         print(f"== {name}: {' '.join(command)}", flush=True)
         env = one_gpu if name == "1gpu" else os.environ
         proc = None

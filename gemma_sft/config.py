@@ -189,3 +189,16 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def one_gpu_batch_flags(args: SFTConfig, processes: int) -> str | None:
+    """The flags that give `processes` data-parallel processes the tokens per optimizer step of one: fewer
+    accumulation steps where they divide, else shorter packed rows (a recipe of one 32k row per step); None if neither
+    divides evenly."""
+    accumulation = args.gradient_accumulation_steps
+    if accumulation % processes == 0:
+        return f"--gradient_accumulation_steps {accumulation // processes}"
+    if args.packing and args.max_length and args.max_length % processes == 0:
+        length = args.max_length // processes
+        return f"--max_length {length}" + (f" --pad_to_multiple_of {length}" if args.pad_to_multiple_of else "")
+    return None

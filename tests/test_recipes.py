@@ -6,7 +6,7 @@ import pytest
 from conftest import gemma3_4b_on_meta, mission_lora, run_script
 
 from gemma_sft import REPO_ROOT, UserError, config
-from gemma_sft.hardware import DEMO, MISSION, SINGLE_GPU, default_recipe, train_command
+from gemma_sft.hardware import DEMO, LOW_MEMORY, MISSION, SINGLE_GPU, default_recipe, train_command
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 
@@ -55,21 +55,38 @@ def test_mission_recipe_keeps_the_original_tool_settings():
     assert model_args.dtype == "bfloat16"
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (16, 32, 0.1)
     assert args.optim.value == "paged_adamw_32bit" and args.learning_rate == 2e-4 and args.weight_decay == 0.001
-    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 4)
+    # packed: one row of 32,768 tokens per optimizer step (the low-memory recipe's 4 x 8,192, in one pass)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_length) == (1, 1, 32768)
+    assert args.packing and args.pad_to_multiple_of == args.max_length  # one shape: kernels compile once
     assert args.max_grad_norm == 0.3 and args.num_train_epochs == 3
     assert args.lr_scheduler_type.value == "constant_with_warmup" and args.warmup_steps == 0.03
     assert args.report_to == ["tensorboard"]
 
 
-def test_fast_recipe_is_the_mission_recipe_with_its_two_levers():
-    """The fast recipe must not drift from the mission recipe in anything but the levers its header names."""
+def test_low_memory_recipe_is_the_mission_job_in_smaller_rows():
+    """The low-memory recipe must not drift from the mission recipe: the same job, split into more, shorter rows."""
     mission = config.load_recipe(MISSION)
-    fast = config.load_recipe(REPO_ROOT / "recipes" / "gemma3_belle_fast.yaml")
-    changed = {key for key in mission.keys() | fast.keys() if mission.get(key) != fast.get(key)}
-    assert changed == {"lora_dropout", "gradient_checkpointing_kwargs", "output_dir"}
-    assert fast["lora_dropout"] == 0 and fast["gradient_checkpointing_kwargs"] == {"every_n_layers": 2}
-    _, args, _, _ = config.parse([str(REPO_ROOT / "recipes" / "gemma3_belle_fast.yaml"), "--dry_run"])
-    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"every_n_layers": 2}
+    low = config.load_recipe(REPO_ROOT / LOW_MEMORY)
+    changed = {key for key in mission.keys() | low.keys() if mission.get(key) != low.get(key)}
+    assert changed == {"max_length", "gradient_accumulation_steps", "pad_to_multiple_of"}
+    _, mission_args, _, _ = config.parse([MISSION, "--dry_run"])
+    _, low_args, _, _ = config.parse([str(REPO_ROOT / LOW_MEMORY), "--dry_run"])
+    per_step = [a.max_length * a.per_device_train_batch_size * a.gradient_accumulation_steps
+                for a in (mission_args, low_args)]  # fmt: skip
+    assert per_step[0] == per_step[1]  # tokens per optimizer step, and so the number of steps and the schedule
+    assert (low_args.max_length, low_args.gradient_accumulation_steps) == (8192, 4)
+
+
+def test_several_gpus_are_told_the_flags_that_keep_the_one_gpu_batch():
+    """Data parallelism multiplies the tokens per step; sft.py names the flags that give them back."""
+    _, mission, _, _ = config.parse([MISSION, "--dry_run"])
+    _, low, _, _ = config.parse([str(REPO_ROOT / LOW_MEMORY), "--dry_run"])
+    assert config.one_gpu_batch_flags(low, 2) == "--gradient_accumulation_steps 2"
+    assert config.one_gpu_batch_flags(low, 4) == "--gradient_accumulation_steps 1"
+    assert config.one_gpu_batch_flags(mission, 2) == "--max_length 16384 --pad_to_multiple_of 16384"
+    assert config.one_gpu_batch_flags(low, 3) is None  # neither 4 steps nor 8,192 tokens split in 3
+    _, halved, _, _ = config.parse([MISSION, "--max_length", "16384", "--pad_to_multiple_of", "16384", "--dry_run"])
+    assert 2 * halved.max_length * halved.gradient_accumulation_steps == mission.max_length
 
 
 def test_unknown_recipe_key_names_file_line_and_suggestion(tmp_path):
@@ -110,10 +127,11 @@ def test_original_tool_flags_are_aliases():
 
 
 def test_make_train_picks_the_recipe_and_launcher_by_hardware():
-    assert default_recipe(has_cuda=True) == MISSION
+    assert default_recipe(has_cuda=True, gpu_gib=23.6) == MISSION  # a 24 GB card
+    assert default_recipe(has_cuda=True, gpu_gib=15.6) == LOW_MEMORY  # a 16 GB card
     assert default_recipe(has_cuda=False) == DEMO
-    assert Path(REPO_ROOT / MISSION).is_file() and Path(REPO_ROOT / DEMO).is_file()
-    gpu = train_command(None, has_cuda=True)
+    assert all(Path(REPO_ROOT / recipe).is_file() for recipe in (MISSION, LOW_MEMORY, DEMO))
+    gpu = train_command(None, has_cuda=True, gpu_gib=80)
     assert gpu[1:] == ["-m", "accelerate.commands.launch", "--config_file", SINGLE_GPU, "sft.py", MISSION]
     assert (REPO_ROOT / SINGLE_GPU).is_file()
     assert train_command(None, has_cuda=False)[1:] == ["sft.py", DEMO]
