@@ -2,9 +2,9 @@
 
 PEFT computes a QLoRA layer as bitsandbytes' 4-bit matmul, a defensive copy of its output, then the adapter branch
 (dropout, A, B, a multiply by the scaling, an add), each a separate kernel and a separate node of the autograd graph.
-With ~35 packed samples per row the GPU finishes these faster than Python issues them, so the host sets the pace.
-Here the same arithmetic is one function: dequantize, one matmul for the frozen weight, one for A, and B's product
-added into the output in place by the same matmul call (addmm_), with a backward pass written out by hand. Same results up to
+With many short packed samples per row the GPU finishes these faster than Python issues them, so the host sets the
+pace. Here the same arithmetic is one function: dequantize, one matmul for the frozen weight, one for A, and B's
+product added into that output in place (addmm_), with a backward pass written out by hand. Same results up to
 rounding (the adapter output is rounded once instead of twice); layers it does not cover keep PEFT's own forward.
 """
 
