@@ -69,6 +69,8 @@ def test_training_changes_the_adapter_and_the_saved_adapter_reloads_identically(
         flags += ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--use_bnb_nested_quant", "true",
                   "--lora_dropout", "0", "--eval_samples", "0"]  # fmt: skip
         # (no evaluation pass: on CPU it leaves the 4-bit scales rounded to bf16, see RELOAD)
+    else:  # rows padded to one shape, as the mission recipe pads them
+        flags += ["--pad_to_multiple_of", "64"]
     trainer = train_in_process(
         monkeypatch,
         [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out), *flags],
@@ -86,9 +88,10 @@ def test_training_changes_the_adapter_and_the_saved_adapter_reloads_identically(
     assert "<end_of_turn>" in (out / "chat_template.jinja").read_text()
     metrics = json.loads((out / "train_results.json").read_text())
     assert metrics["trainable_parameters"] > 0 and metrics["train_rows"] == (24 if four_bit else 22)
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    losses = [entry["loss"] for entry in history if "loss" in entry]
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert losses[-1] < losses[0]
+    assert state["num_input_tokens_seen"] == 2 * metrics["train_tokens"]  # trained tokens, padding left out
 
     result = run_script("-c", RELOAD, tiny_model_dir, out, "1" if four_bit else "0", PROBE)
     assert result.returncode == 0, result.stderr
@@ -97,8 +100,8 @@ def test_training_changes_the_adapter_and_the_saved_adapter_reloads_identically(
 
 
 def test_multimodal_gemma_3_trains_its_language_model_only_and_reloads(tmp_path, monkeypatch, tiny_multimodal_dir):
-    """gemma-3-4b-it's class (language model + SigLIP tower) with the fast recipe's levers: LoRA lands on the language
-    model only, the vision tower is untouched, half the decoder layers are checkpointed, the adapter reloads."""
+    """gemma-3-4b-it's class (language model + SigLIP tower): LoRA lands on the language model only, the vision tower
+    is untouched, checkpointing flags reach its decoder layers (every 2nd here), the adapter reloads."""
     data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
     out = tmp_path / "out"
     trainer = train_in_process(
@@ -123,8 +126,8 @@ def test_multimodal_gemma_3_trains_its_language_model_only_and_reloads(tmp_path,
 
 
 def test_checkpointing_every_second_layer_learns_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir):
-    """The mission recipe recomputes only every 2nd layer's activations in the backward pass: a speed and memory
-    trade that must not change the gradients."""
+    """Recomputing only every 2nd layer's activations in the backward pass (`gradient_checkpointing_kwargs`, a lever
+    in docs/PERFORMANCE.md) is a speed and memory trade that must not change the gradients."""
     data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
     adapters, flags_seen = [], []
     for kwargs in ([], ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']):
