@@ -15,35 +15,30 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def answer_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> dict:
-    """Mean cross-entropy over the supervised tokens (each answer and its <end_of_turn>), pooled over all rows."""
+def answer_loss(model, tokenizer, conversations: list[list[dict]], max_positions: int = 1024) -> dict:
+    """Mean cross-entropy over the supervised tokens (each answer and its <end_of_turn>), pooled over all rows.
+
+    One row per forward pass, and the output head runs only at the supervised positions, at most `max_positions` per
+    pass: logits over the 262k vocabulary for a whole batch of long rows would not fit the cards training fits.
+    """
     model.eval()
-    encoded = sorted((tokenize(tokenizer, messages) for messages in conversations), key=lambda e: len(e["input_ids"]))
+    device = _device(model)
     total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        width = max(len(e["input_ids"]) for e in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, e in enumerate(batch):
-            n = len(e["input_ids"])
-            ids[row, :n] = torch.tensor(e["input_ids"])
-            labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"])])
-            attention[row, :n] = 1
-        device = _device(model)
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-        shifted = labels[:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            shifted.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total_loss += losses.item()
-        total_tokens += int((shifted != -100).sum())
+    for messages in conversations:
+        encoded = tokenize(tokenizer, messages)
+        ids = torch.tensor([encoded["input_ids"]], device=device)
+        # position t predicts token t + 1: the positions before each supervised token
+        targets = [(t - 1, token) for t, (token, m) in enumerate(zip(encoded["input_ids"], encoded["assistant_masks"]))
+                   if m and t > 0]  # fmt: skip
+        for start in range(0, len(targets), max_positions):
+            chunk = targets[start : start + max_positions]
+            positions = torch.tensor([t for t, _ in chunk], device=device)
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0]
+            labels = torch.tensor([token for _, token in chunk], device=device)
+            total_loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        total_tokens += len(targets)
     loss = total_loss / max(total_tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens, "rows": len(encoded)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens, "rows": len(conversations)}
 
 
 @torch.no_grad()

@@ -84,3 +84,37 @@ def test_merged_model_matches_the_adapter(tiny_adapter, tmp_path, dtype, toleran
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=0)
     with pytest.raises(UserError, match="already exists"):
         merge_main(["--adapter", str(tiny_adapter), "--output", str(out)])
+
+
+def test_answer_loss_projects_only_answer_positions_and_matches_full_logits(tiny_model_dir):
+    """The report's loss runs the output head on the supervised positions only, in chunks; it must equal the mean
+    cross-entropy over those tokens computed from the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from gemma_sft.data import tokenize
+    from gemma_sft.evaluation import answer_loss
+    from gemma_sft.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir), "chat_templates/gemma3.jinja")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    conversations = [
+        [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+        for r in belle_rows(3)
+    ]
+    conversations.append([*conversations[0], {"role": "user", "content": "再算一次"}, *conversations[1][1:]])
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for messages in conversations:
+            encoded = tokenize(tokenizer, messages)
+            ids = torch.tensor([encoded["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            mask = torch.tensor(encoded["assistant_masks"][1:], dtype=torch.bool)
+            total += torch.nn.functional.cross_entropy(logits[mask], ids[0, 1:][mask], reduction="sum").item()
+            count += int(mask.sum())
+
+    whole = answer_loss(model, tokenizer, conversations)
+    chunked = answer_loss(model, tokenizer, conversations, max_positions=3)
+    assert whole["tokens"] == chunked["tokens"] == count and whole["rows"] == 4
+    assert whole["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert chunked["loss"] == pytest.approx(total / count, rel=1e-5)
