@@ -137,4 +137,10 @@ def stats_for_metrics(stats: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, on_interrupt="interrupted: re-run the same command to resume from the last checkpoint")
+    run(
+        main,
+        on_interrupt="interrupted: re-run the same command to resume from the last checkpoint",
+        on_out_of_memory="on a card under 20 GiB use recipes/gemma3_belle_low_memory.yaml (the same job); below "
+        "that, divide --max_length (and --pad_to_multiple_of) and multiply --gradient_accumulation_steps by the same "
+        "factor; re-running resumes from the last checkpoint",
+    )

@@ -11,12 +11,16 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+OUT_OF_MEMORY = "README.md, Troubleshooting, says what uses less"
+
+
 class UserError(Exception):
     """A mistake in the user's recipe, flags or data: printed as one line, exit status 2, no traceback."""
 
 
-def run(main, on_interrupt: str = "interrupted") -> None:
-    """Run an entry script's main(): a user mistake prints one line and exits 2, Ctrl-C exits 130."""
+def run(main, on_interrupt: str = "interrupted", on_out_of_memory: str = OUT_OF_MEMORY) -> None:
+    """Run an entry script's main(): a user mistake prints one line and exits 2, running out of GPU memory prints one
+    line with what to change and exits 1, Ctrl-C exits 130."""
     try:
         sys.exit(main())
     except UserError as error:
@@ -25,3 +29,9 @@ def run(main, on_interrupt: str = "interrupted") -> None:
     except KeyboardInterrupt:
         print(on_interrupt, file=sys.stderr)
         sys.exit(130)
+    except Exception as error:
+        if type(error).__name__ != "OutOfMemoryError":  # torch's, matched by name: no torch import on every path
+            raise
+        what = next((line.strip() for line in str(error).splitlines() if line.strip()), "no details")
+        print(f"error: out of GPU memory ({what.rstrip('.')}); {on_out_of_memory}", file=sys.stderr)
+        sys.exit(1)

@@ -229,3 +229,33 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
     args = SFTConfig(output_dir="unused", bf16=False, use_cpu=True)
     with pytest.raises(UserError, match="bf16 is not supported by Tesla T4"):
         modeling.check_precision(args, ModelConfig(dtype="bfloat16"))
+
+
+OUT_OF_MEMORY_RUN = """
+import runpy, sys, torch
+from gemma_sft import modeling
+
+def load_model(*args, **kwargs):
+    raise torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.6 GiB\\n"
+        "Of the allocated memory 13.9 GiB is allocated by PyTorch."
+    )
+
+modeling.load_model = load_model
+sys.argv = ["sft.py", *sys.argv[1:]]
+runpy.run_path("sft.py", run_name="__main__")
+"""
+
+
+def test_running_out_of_gpu_memory_says_what_to_change_in_one_line(tmp_path, tiny_model_dir):
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
+    out = tmp_path / "out"
+    command = _train_command(tiny_model_dir, rows, out)
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_RUN, *command[2:]], cwd=REPO_ROOT,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has")
+    assert "recipes/gemma3_belle_low_memory.yaml" in line and "--gradient_accumulation_steps" in line
+    assert "Traceback" not in result.stderr
+    assert not (out / "adapter_model.safetensors").exists()
