@@ -172,16 +172,18 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
         hint = f" (did you mean '--{close[0]}'?)" if close else ""
         raise UserError(f"command line: unknown flag '{flag}'{hint}")
 
-    # Rows padded to one shape carry padding, so count what is trained: the real tokens. (transformers' parser reads
-    # this field as a bool, so a recipe cannot ask for "non_padding" by name.)
-    if training_args.include_num_input_tokens_seen == "all" and training_args.pad_to_multiple_of:
-        training_args.include_num_input_tokens_seen = "non_padding"
-
     # the recipe's keys, then the flags given, with their final values (flags win)
     flags = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--")]
     owners = {key: obj for obj in (model_args, training_args, data_args) for key in vars(obj)}
     keys = dict.fromkeys([*recipe, *SAMPLING_KEYS, *flags])
     resolved = {key: _plain(getattr(owners[key], key)) for key in keys if key in owners}
+    if "include_num_input_tokens_seen" in resolved:  # transformers turns true/false into "all"/"no", which its own
+        resolved["include_num_input_tokens_seen"] = resolved["include_num_input_tokens_seen"] != "no"  # parser refuses
+
+    # Rows padded to one shape carry padding, so count what is trained: the real tokens. (transformers' parser reads
+    # this field as a bool, so a recipe cannot ask for "non_padding" by name.)
+    if training_args.include_num_input_tokens_seen == "all" and training_args.pad_to_multiple_of:
+        training_args.include_num_input_tokens_seen = "non_padding"
     return data_args, training_args, model_args, resolved
 
 

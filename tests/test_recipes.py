@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import gemma3_4b_on_meta, mission_lora, run_script
 
 from gemma_sft import REPO_ROOT, UserError, config
@@ -17,12 +18,18 @@ def test_there_are_recipes_to_check():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
-def test_every_recipe_parses_with_only_known_keys(recipe):
+def test_every_recipe_parses_with_only_known_keys(recipe, tmp_path):
     config.load_recipe(recipe)  # raises on unknown keys
     _data_args, training_args, _model_args, resolved = config.parse([str(recipe), "--dry_run"])
     assert resolved["output_dir"] == training_args.output_dir
     assert training_args.chat_template_path == "chat_templates/gemma3.jinja"
     assert not training_args.fp16
+    # the resolved recipe a run writes (output_dir/recipe.yaml) is itself a recipe that gives the same run
+    written = tmp_path / "recipe.yaml"
+    written.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    _, again, _, resolved_again = config.parse([str(written), "--dry_run"])
+    assert resolved_again == resolved
+    assert again.include_num_input_tokens_seen == training_args.include_num_input_tokens_seen
 
 
 def load_bench():
