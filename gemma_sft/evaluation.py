@@ -3,6 +3,7 @@ the training loss curve, all in one markdown report."""
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,6 +13,26 @@ from gemma_sft.data import tokenize
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextmanager
+def unpacked_attention(model):
+    """sdpa in place of flex_attention while the model reads one row at a time.
+
+    flex_attention is for packed training rows of one fixed length; every held-out row or generation step has a new
+    length, which on a GPU recompiles its kernel with dynamic shapes, and torch's flex template then finds no kernel
+    to compile. A single row needs only the causal mask, which sdpa gives exactly.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    if before != "flex_attention":
+        yield
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
 
 
 @torch.no_grad()
@@ -93,11 +114,12 @@ def compare(
     last_answer = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in shown]
     prompts = [c[:at] for c, at in zip(shown, last_answer)]
     references = [c[at]["content"] for c, at in zip(shown, last_answer)]
-    with model.disable_adapter():
-        base = answer_loss(model, tokenizer, conversations)
-        base_answers = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []
-    tuned = answer_loss(model, tokenizer, conversations)
-    tuned_answers = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []
+    with unpacked_attention(model):
+        with model.disable_adapter():
+            base = answer_loss(model, tokenizer, conversations)
+            base_answers = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []
+        tuned = answer_loss(model, tokenizer, conversations)
+        tuned_answers = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []
 
     adapter_dir = Path(adapter_dir)
     has_curve = plot_loss_curve(adapter_dir / "trainer_state.json", adapter_dir / "loss_curve.png")

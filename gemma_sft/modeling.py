@@ -251,10 +251,13 @@ def load_for_inference(adapter_dir: str | os.PathLike, base: str | None = None):
 
     base, recipe = adapter_base(adapter_dir, base)
     cuda = torch.cuda.is_available()
+    attention = recipe.get("attn_implementation") or "sdpa"
+    if attention == "flex_attention":  # for packed training rows; one row at a time is exact with sdpa, uncompiled
+        attention = "sdpa"
     model_args = ModelConfig(
         model_name_or_path=base,
         dtype="bfloat16" if cuda else "float32",
-        attn_implementation=recipe.get("attn_implementation", "sdpa"),
+        attn_implementation=attention,
         load_in_4bit=bool(recipe.get("load_in_4bit")) and cuda,
         bnb_4bit_quant_type=recipe.get("bnb_4bit_quant_type", "nf4"),
         use_bnb_nested_quant=bool(recipe.get("use_bnb_nested_quant")),

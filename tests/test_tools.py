@@ -118,3 +118,41 @@ def test_answer_loss_projects_only_answer_positions_and_matches_full_logits(tiny
     assert whole["tokens"] == chunked["tokens"] == count and whole["rows"] == 4
     assert whole["loss"] == pytest.approx(total / count, rel=1e-5)
     assert chunked["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_report_and_inference_read_rows_without_flex_attention(tiny_adapter, tmp_path, monkeypatch):
+    """flex_attention serves packed training rows of one length; each held-out row or generation step has a new
+    length, which a GPU cannot compile flex for. The report and the inference loader use sdpa, and training's
+    flex_attention is back once the report is written."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_utils import AttentionInterface
+
+    from gemma_sft.evaluation import compare
+
+    flex_recipe = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, flex_recipe)
+    recipe = (flex_recipe / "recipe.yaml").read_text()
+    (flex_recipe / "recipe.yaml").write_text(f"{recipe}\nattn_implementation: flex_attention\n")
+    loaded, _, recipe_seen = load_for_inference(flex_recipe)
+    assert recipe_seen["attn_implementation"] == "flex_attention"
+    assert loaded.get_base_model().config._attn_implementation == "sdpa"
+
+    def no_flex(*args, **kwargs):
+        raise AssertionError("flex_attention ran on an unpacked row")
+
+    base_path = json.loads((tiny_adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    trained = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=torch.float32, attn_implementation="flex_attention"
+    )
+    trained = PeftModel.from_pretrained(trained, str(tiny_adapter))
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flex_attention", no_flex)
+    conversations = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+                     for r in belle_rows(2)]  # fmt: skip
+    result = compare(trained, AutoTokenizer.from_pretrained(tiny_adapter), conversations, flex_recipe, 1, 4)
+    assert result["adapter"]["rows"] == 2 and (flex_recipe / "report.md").is_file()
+    assert trained.get_base_model().config._attn_implementation == "flex_attention"
+    with pytest.raises(AssertionError, match="flex_attention ran"), torch.no_grad():  # the check would catch flex
+        trained(input_ids=torch.tensor([[2, 105, 2364]]), use_cache=False)
