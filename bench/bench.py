@@ -65,6 +65,12 @@ SETUPS = {
     ),
     "ours_peft": ("as shipped, with PEFT's own QLoRA layers (fused_qlora false)", MISSION, NO_FUSED, None),
     "nodrop": ("as shipped, lora_dropout 0", MISSION, NO_DROPOUT, None),
+    "ours_dropout_copy": (
+        "as shipped, LoRA dropout by PEFT's module (a dropped copy of x) as before run 19",
+        MISSION,
+        [],
+        None,
+    ),
     "ours_compile": ("as shipped + torch.compile of each decoder layer", MISSION, COMPILE, None),
     "low_memory": (
         "gemma3_belle_low_memory.yaml: packed rows of 8,192 tokens x accumulation 4 (the mission recipe until run 14)",
@@ -253,7 +259,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     import torch
     from transformers import TrainerCallback
 
-    from gemma_sft import config, data, modeling
+    from gemma_sft import config, data, fused_qlora, modeling
     from sft import build_trainer
 
     started = time.time()
@@ -306,6 +312,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
                 self.losses.append(round(float(logs["loss"]), 4))
 
     timer = Timer()
+    fused_qlora.dropout_in_kernels = name != "ours_dropout_copy"
     torch.cuda.reset_peak_memory_stats()  # reserved memory's peak as well
     trainer = build_trainer(training_args, model_args, prepared, tokenizer, [timer], data_args.fused_qlora)
     trainer.train()

@@ -4,29 +4,41 @@ PEFT computes a QLoRA layer as bitsandbytes' 4-bit matmul, a defensive copy of i
 (dropout, A, B, a multiply by the scaling, an add), each a separate kernel and a separate node of the autograd graph.
 With many short packed samples per row the GPU finishes these faster than Python issues them, so the host sets the
 pace. Here the same arithmetic is one function: dequantize, one matmul for the frozen weight, one for A, and B's
-product added into that output in place (addmm_), with a backward pass written out by hand. Same results up to
-rounding (the adapter output is rounded once instead of twice); layers it does not cover keep PEFT's own forward.
+product added into that output in place (addmm_), with a backward pass written out by hand. On a GPU, LoRA dropout
+happens inside the adapter's kernels (gemma_sft/lora_dropout.py) instead of as a dropped copy of the input. Same
+results up to rounding (the adapter output is rounded once instead of twice) and, with dropout, up to the random
+draw; layers it does not cover keep PEFT's own forward.
 """
 
 import torch
+
+dropout_in_kernels = True  # False: PEFT's dropout module makes the dropped copy, as before (the benchmark compares)
 
 
 class QLoRALinear(torch.autograd.Function):
     """y = x W^T + scaling * (dropout(x) A^T) B^T, with W frozen in 4 bits and A, B trained.
 
     The frozen weight's matmul runs in x's dtype; the adapter's own matmuls run in `lora_dtype`, as PEFT runs them
-    (the autocast dtype, else the adapter weights' dtype: bf16 for QLoRA adapters made by TRL).
+    (the autocast dtype, else the adapter weights' dtype: bf16 for QLoRA adapters made by TRL). `lora_x` is x, or
+    x after PEFT's dropout; with `dropout_p` > 0 (lora_x is x, on a GPU) the kernels drop elements themselves.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_x, packed_weight, quant_state, lora_a, lora_b, scaling, lora_dtype):
+    def forward(ctx, x, lora_x, packed_weight, quant_state, lora_a, lora_b, scaling, lora_dtype, dropout_p):
         import bitsandbytes.functional as bnb_functional
 
         dtype = x.dtype
         a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
         x2d, lora_x2d = x.reshape(-1, x.shape[-1]), lora_x.reshape(-1, lora_x.shape[-1]).to(lora_dtype)
         weight = bnb_functional.dequantize_4bit(packed_weight, quant_state).to(dtype)
-        down = lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
+        ctx.dropout_p, ctx.seed = dropout_p, None
+        if dropout_p:
+            from gemma_sft import lora_dropout
+
+            ctx.seed = lora_dropout.new_seed(x.device)
+            down = lora_dropout.down(lora_x2d, a, dropout_p, ctx.seed)
+        else:
+            down = lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
         if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): B's product lands in the same call,
             out = (x2d @ weight.t()).addmm_(down, b.t(), alpha=scaling)  # in place (out-of-place copies the output)
         else:  # rounded as PEFT rounds it: the adapter's output in its own dtype, then added
@@ -46,31 +58,57 @@ class QLoRALinear(torch.autograd.Function):
         grad2d = grad_out.reshape(-1, grad_out.shape[-1])
         lora_grad2d = grad2d.to(down.dtype)
         grad_down = (lora_grad2d @ b).mul_(ctx.scaling)  # (tokens, r)
-        grad_a = (grad_down.t() @ lora_x2d).to(a_dtype)
+        if ctx.dropout_p:
+            from gemma_sft import lora_dropout
+
+            grad_a = lora_dropout.grad_a(grad_down, lora_x2d, ctx.dropout_p, ctx.seed).to(a_dtype)
+        else:
+            grad_a = (grad_down.t() @ lora_x2d).to(a_dtype)
         grad_b = (lora_grad2d.t() @ down).mul_(ctx.scaling).to(b_dtype)
         grad_x = grad_lora_x = None
         if ctx.needs_input_grad[0] or (ctx.shared_input and ctx.needs_input_grad[1]):
             weight = bnb_functional.dequantize_4bit(ctx.packed_weight, ctx.quant_state).to(grad2d.dtype)
-            if ctx.shared_input:  # no dropout: both branches saw x, so their input gradients add up in one call
+            if ctx.dropout_p:  # the adapter branch's input gradient, masked as its input was, added in place
+                grad_x = grad2d @ weight
+                lora_dropout.add_grad_x_(grad_x, grad_down, a, ctx.dropout_p, ctx.seed)
+                grad_x = grad_x.view(x_shape)
+            elif ctx.shared_input:  # no dropout: both branches saw x, so their input gradients add up in one call
                 grad_x = (grad2d @ weight).addmm_(grad_down.to(grad2d.dtype), a.to(grad2d.dtype)).view(x_shape)
             else:
                 grad_x = (grad2d @ weight).view(x_shape)
         if not ctx.shared_input and ctx.needs_input_grad[1]:
             grad_lora_x = (grad_down @ a).to(lora_x_dtype).view(lora_x_shape)
-        return grad_x, grad_lora_x, None, None, grad_a, grad_b, None, None
+        return grad_x, grad_lora_x, None, None, grad_a, grad_b, None, None, None
 
 
 def _fused_forward(layer, x):
     """QLoRALinear for a layer that `covers` accepts."""
     name = layer.active_adapters[0]
     dropout = layer.lora_dropout[name]
-    lora_x = x if isinstance(dropout, torch.nn.Identity) or not dropout.training or dropout.p == 0 else dropout(x)
+    p = 0.0 if isinstance(dropout, torch.nn.Identity) or not dropout.training else dropout.p
     lora_a = layer.lora_A[name].weight
     lora_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else lora_a.dtype
+    lora_x, kernel_p = x, 0.0
+    if (
+        p
+        and dropout_in_kernels
+        and lora_dtype == x.dtype
+        and x.is_cuda
+        and _dropout_kernels().supports(x, lora_a.shape[0])
+    ):
+        kernel_p = p
+    elif p:
+        lora_x = dropout(x)
     return QLoRALinear.apply(
         x, lora_x, layer.base_layer.weight, layer.base_layer.weight.quant_state,
-        lora_a, layer.lora_B[name].weight, layer.scaling[name], lora_dtype,
+        lora_a, layer.lora_B[name].weight, layer.scaling[name], lora_dtype, kernel_p,
     )  # fmt: skip
+
+
+def _dropout_kernels():
+    from gemma_sft import lora_dropout  # imports Triton: only where a GPU runs the layer
+
+    return lora_dropout
 
 
 def covers(layer, x, args, kwargs) -> bool:

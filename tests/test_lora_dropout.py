@@ -1,0 +1,133 @@
+"""LoRA dropout drawn inside the kernels: the mask they draw, the products they compute with it, and the same mask
+again in a recomputed forward pass. Without a GPU the kernels run in Triton's interpreter, in fp32 (the interpreter
+mishandles bf16); on a GPU they are compiled and run in bf16."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gemma_sft
+from gemma_sft import fused_qlora
+
+P = 0.3
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """(module, device, dtype, tolerance): compiled kernels on a GPU, else a module copy run by the interpreter."""
+    if torch.cuda.is_available():
+        from gemma_sft import lora_dropout
+
+        yield lora_dropout, torch.device("cuda"), torch.bfloat16, 2e-2
+        return
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are defined, so load a fresh copy of the module
+    spec = importlib.util.spec_from_file_location("lora_dropout_interpreted", Path(gemma_sft.__file__).parent /
+                                                  "lora_dropout.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    patch.setitem(sys.modules, "gemma_sft.lora_dropout", module)  # what QLoRALinear imports
+    patch.setattr(gemma_sft, "lora_dropout", module, raising=False)
+    yield module, torch.device("cpu"), torch.float32, 1e-5
+    patch.undo()
+
+
+@pytest.mark.parametrize(("rows", "features", "rank"), [(300, 160, 8), (2100, 96, 16), (70, 200, 24)])
+def test_kernels_compute_dropout_written_out(kernels, rows, features, rank):
+    module, device, dtype, tolerance = kernels
+    torch.manual_seed(0)
+    x = torch.randn(rows, features, device=device, dtype=dtype)
+    a = (torch.randn(rank, features, device=device) * 0.1).to(dtype)
+    grad_down = torch.randn(rows, rank, device=device, dtype=dtype)
+    grad_x = torch.randn(rows, features, device=device, dtype=dtype)
+    seed = module.new_seed(device)
+    keep = module.keep_mask(rows, features, P, seed)
+    assert abs(keep.float().mean().item() - (1 - P)) < 0.02
+    dropped = x.float() * keep / (1 - P)  # what PEFT's dropout would hand the A projection, with this mask
+
+    down = module.down(x, a, P, seed)
+    assert down.dtype == dtype and down.shape == (rows, rank)
+    torch.testing.assert_close(down.float(), dropped @ a.float().t(), atol=tolerance * 10, rtol=tolerance)
+    grad_a = module.grad_a(grad_down, x, P, seed)
+    torch.testing.assert_close(grad_a, grad_down.float().t() @ dropped, atol=tolerance * 100, rtol=tolerance)
+    expected_grad_x = grad_x.float() + (grad_down.float() @ a.float()) * keep / (1 - P)
+    module.add_grad_x_(grad_x, grad_down, a, P, seed)
+    torch.testing.assert_close(grad_x.float(), expected_grad_x, atol=tolerance * 10, rtol=tolerance)
+
+
+def test_each_seed_and_element_draws_its_own_keep(kernels):
+    module, device, _, _ = kernels
+    first, second = (module.keep_mask(64, 128, P, torch.tensor([s], device=device, dtype=torch.int32)) for s in (1, 2))
+    assert not torch.equal(first, second)
+    assert not torch.equal(first[0], first[1]) and not torch.equal(
+        first[:, 0], first[:, 1]
+    )  # no repeated rows/columns
+    assert torch.equal(module.keep_mask(64, 128, P, torch.tensor([1], device=device, dtype=torch.int32)), first)
+    assert module.keep_mask(64, 128, 0.0, torch.tensor([1], device=device, dtype=torch.int32)).all()
+
+
+def four_bit_weight(out_features, in_features, device, dtype):
+    import bitsandbytes.functional as bnb_functional
+
+    weight = torch.randn(out_features, in_features, device=device, dtype=dtype) * 0.05
+    packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4")
+    return packed, state, bnb_functional.dequantize_4bit(packed, state).to(dtype)
+
+
+def test_layer_with_kernel_dropout_equals_the_adapter_on_dropped_input(kernels):
+    """QLoRALinear with dropout in its kernels: x W^T + s (dropout(x) A^T) B^T and its gradients, for its mask."""
+    module, device, dtype, tolerance = kernels
+    torch.manual_seed(0)
+    packed, state, weight = four_bit_weight(48, 80, device, dtype)
+    x = torch.randn(3, 37, 80, device=device, dtype=dtype, requires_grad=True)
+    a = (torch.randn(16, 80, device=device) * 0.1).to(dtype).requires_grad_()
+    b = (torch.randn(48, 16, device=device) * 0.1).to(dtype).requires_grad_()
+    grad_out = torch.randn(3, 37, 48, device=device, dtype=dtype)
+
+    torch.manual_seed(7)
+    out = fused_qlora.QLoRALinear.apply(x, x, packed, state, a, b, 2.0, dtype, P)
+    out.backward(grad_out)
+    torch.manual_seed(7)  # the seed QLoRALinear drew
+    keep = module.keep_mask(3 * 37, 80, P, module.new_seed(device)).view(3, 37, 80)
+
+    xs, as_, bs = (t.detach().float().requires_grad_() for t in (x, a, b))
+    expected = xs @ weight.float().t() + 2.0 * ((xs * keep / (1 - P)) @ as_.t()) @ bs.t()
+    expected.backward(grad_out.float())
+    torch.testing.assert_close(out.float(), expected, atol=tolerance * 10, rtol=tolerance)
+    for name, got, want in (("x", x, xs), ("A", a, as_), ("B", b, bs)):
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=tolerance * 10, rtol=tolerance, msg=name)
+
+
+def test_recomputed_forward_pass_draws_the_same_mask(kernels):
+    """Gradient checkpointing runs the forward pass again in backward: the gradients must be those of the mask the
+    first pass used, as without checkpointing. Without restoring the generator's state they would not be."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, device, dtype, tolerance = kernels
+    torch.manual_seed(0)
+    packed, state, _ = four_bit_weight(64, 64, device, dtype)
+    x = torch.randn(2, 50, 64, device=device, dtype=dtype, requires_grad=True)
+    a = (torch.randn(16, 64, device=device) * 0.1).to(dtype).requires_grad_()
+    b = (torch.randn(64, 16, device=device) * 0.1).to(dtype).requires_grad_()
+
+    def two_layers(inputs):
+        hidden = fused_qlora.QLoRALinear.apply(inputs, inputs, packed, state, a, b, 2.0, dtype, P)
+        return fused_qlora.QLoRALinear.apply(hidden, hidden, packed, state, a, b, 2.0, dtype, P)
+
+    def gradients(run):
+        torch.manual_seed(3)
+        run(x).float().pow(2).sum().backward()
+        found = [t.grad.clone() for t in (x, a, b)]
+        for t in (x, a, b):
+            t.grad = None
+        return found
+
+    plain = gradients(two_layers)
+    recomputed = gradients(lambda t: checkpoint(two_layers, t, use_reentrant=False))
+    for got, want in zip(recomputed, plain):
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    redrawn = gradients(lambda t: checkpoint(two_layers, t, use_reentrant=False, preserve_rng_state=False))
+    assert not torch.allclose(redrawn[1], plain[1], atol=tolerance, rtol=tolerance)
