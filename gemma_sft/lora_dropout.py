@@ -8,8 +8,8 @@ them, and the backward pass redraws the same mask for A's gradient and for the i
 is written or kept. The seed comes from the GPU's generator, which gradient checkpointing saves and restores, so a
 recomputed forward pass draws the same mask.
 
-Same distribution as PEFT's dropout (each element kept with probability 1 - p, then scaled by 1 / (1 - p)), not the
-same random stream.
+Same distribution as PEFT's dropout (each element kept with probability 1 - p, then scaled by 1 / (1 - p)), with p
+rounded to a multiple of 1/65536 (0.1 becomes 0.100006), not the same random stream.
 """
 
 import functools
@@ -22,12 +22,19 @@ MAX_RANK = 128  # the A projection keeps (rows, rank) accumulators in registers
 
 
 @triton.jit
-def _keep(seed, offsets, p):
-    return tl.rand(seed, offsets) >= p
+def _keep(seed, rows, first_col, K, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Keep decisions for rows x [first_col, first_col + BLOCK_K): one Philox draw (4 x 32 bits) covers 8 adjacent
+    elements of a row, 16 bits each, so the kernels that redraw the mask spend little on arithmetic."""
+    groups = rows[:, None] * (K // 8) + (first_col // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, groups)
+    pairs = (tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16),
+             tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))  # fmt: skip
+    draws = tl.join(tl.join(pairs[0], pairs[1]), tl.join(pairs[2], pairs[3]))  # (rows, groups, 2, 2, 2)
+    return tl.reshape(draws, (BLOCK_M, BLOCK_K)) >= threshold
 
 
 @triton.jit
-def _down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, rank, p, scale,
+def _down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, rank, threshold, scale,
                  RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """out[M, rank] = (keep(x) * scale) @ a.T"""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -38,7 +45,7 @@ def _down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, rank, p, scale,
         cols = start + tl.arange(0, BLOCK_K)
         offsets = rows[:, None] * K + cols[None, :]
         x = tl.load(x_ptr + offsets, mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        x = tl.where(_keep(seed, offsets, p), x, tl.zeros_like(x))
+        x = tl.where(_keep(seed, rows, start, K, threshold, BLOCK_M, BLOCK_K), x, tl.zeros_like(x))
         a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < rank) & (cols[:, None] < K),
                     other=0.0)  # fmt: skip
         acc = tl.dot(x, a, acc)
@@ -47,10 +54,11 @@ def _down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, rank, p, scale,
 
 
 @triton.jit
-def _grad_a_kernel(grad_down_ptr, x_ptr, partial_ptr, seed_ptr, M, K, rank, p, rows_per_split,
+def _grad_a_kernel(grad_down_ptr, x_ptr, partial_ptr, seed_ptr, M, K, rank, threshold, rows_per_split,
                    RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """partial[split, RANK, K] = grad_down[rows of split].T @ keep(x)[rows of split] (unscaled)"""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    first_col = tl.program_id(0) * BLOCK_K
+    cols = first_col + tl.arange(0, BLOCK_K)
     split = tl.program_id(1)
     ranks = tl.arange(0, RANK)
     seed = tl.load(seed_ptr)
@@ -61,7 +69,7 @@ def _grad_a_kernel(grad_down_ptr, x_ptr, partial_ptr, seed_ptr, M, K, rank, p, r
         inside = rows[:, None] < M
         offsets = rows[:, None] * K + cols[None, :]
         x = tl.load(x_ptr + offsets, mask=inside & (cols[None, :] < K), other=0.0)
-        x = tl.where(_keep(seed, offsets, p), x, tl.zeros_like(x))
+        x = tl.where(_keep(seed, rows, first_col, K, threshold, BLOCK_M, BLOCK_K), x, tl.zeros_like(x))
         g = tl.load(grad_down_ptr + rows[:, None] * rank + ranks[None, :], mask=inside & (ranks[None, :] < rank),
                     other=0.0)  # fmt: skip
         acc = tl.dot(tl.trans(g), x, acc)
@@ -69,11 +77,12 @@ def _grad_a_kernel(grad_down_ptr, x_ptr, partial_ptr, seed_ptr, M, K, rank, p, r
 
 
 @triton.jit
-def _add_grad_x_kernel(grad_x_ptr, grad_down_ptr, a_ptr, seed_ptr, M, K, rank, p, scale,
+def _add_grad_x_kernel(grad_x_ptr, grad_down_ptr, a_ptr, seed_ptr, M, K, rank, threshold, scale,
                        RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """grad_x += keep(grad_down @ a) * scale, in place"""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    first_col = tl.program_id(1) * BLOCK_K
+    cols = first_col + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, RANK)
     seed = tl.load(seed_ptr)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
@@ -82,15 +91,20 @@ def _add_grad_x_kernel(grad_x_ptr, grad_down_ptr, a_ptr, seed_ptr, M, K, rank, p
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < rank) & (cols[None, :] < K),
                 other=0.0)  # fmt: skip
     offsets = rows[:, None] * K + cols[None, :]
-    lora = tl.where(_keep(seed, offsets, p), tl.dot(g, a) * scale, 0.0)
+    lora = tl.where(_keep(seed, rows, first_col, K, threshold, BLOCK_M, BLOCK_K), tl.dot(g, a) * scale, 0.0)
     grad_x = tl.load(grad_x_ptr + offsets, mask=inside, other=0.0)
     tl.store(grad_x_ptr + offsets, (grad_x.to(tl.float32) + lora).to(grad_x_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, seed_ptr, M, K, p, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, _keep(tl.load(seed_ptr), offsets, p).to(tl.uint8), mask=offsets < M * K)
+def _keep_mask_kernel(out_ptr, seed_ptr, M, K, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_col = tl.program_id(1) * BLOCK_K
+    cols = first_col + tl.arange(0, BLOCK_K)
+    keep = _keep(tl.load(seed_ptr), rows, first_col, K, threshold, BLOCK_M, BLOCK_K)
+    tl.store(
+        out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.uint8), mask=(rows[:, None] < M) & (cols[None, :] < K)
+    )
 
 
 @functools.cache
@@ -103,8 +117,19 @@ def _rank_block(rank: int) -> int:
 
 
 def supports(x: torch.Tensor, rank: int) -> bool:
-    """Contiguous input on a CUDA device, a rank the kernels hold in registers, element indices within 31 bits."""
-    return x.is_cuda and x.is_contiguous() and rank <= MAX_RANK and x.numel() < 2**31
+    """Contiguous input on a CUDA device, features in whole Philox groups of 8, a rank the kernels hold in registers,
+    element indices within 31 bits."""
+    return x.is_cuda and x.is_contiguous() and x.shape[-1] % 8 == 0 and rank <= MAX_RANK and x.numel() < 2**31
+
+
+def effective_p(p: float) -> float:
+    """The drop probability the kernels apply: p rounded to the 16-bit draws' resolution."""
+    return round(p * 65536) / 65536
+
+
+def _threshold_and_scale(p: float) -> tuple[int, float]:
+    threshold = round(p * 65536)
+    return threshold, 65536 / (65536 - threshold)
 
 
 def new_seed(device: torch.device) -> torch.Tensor:
@@ -118,7 +143,7 @@ def down(x2d: torch.Tensor, lora_a: torch.Tensor, p: float, seed: torch.Tensor) 
     out = torch.empty(m, rank, device=x2d.device, dtype=x2d.dtype)
     block_m = 64
     _down_kernel[(triton.cdiv(m, block_m),)](
-        x2d, lora_a.contiguous(), out, seed, m, k, rank, p, 1.0 / (1.0 - p),
+        x2d, lora_a.contiguous(), out, seed, m, k, rank, *_threshold_and_scale(p),
         RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=64,
     )  # fmt: skip
     return out
@@ -136,10 +161,10 @@ def grad_a(grad_down: torch.Tensor, x2d: torch.Tensor, p: float, seed: torch.Ten
     rank_block = _rank_block(rank)
     partial = torch.empty(splits, rank_block, k, device=x2d.device, dtype=torch.float32)
     _grad_a_kernel[(triton.cdiv(k, block_k), splits)](
-        grad_down.contiguous(), x2d, partial, seed, m, k, rank, p, rows_per_split,
+        grad_down.contiguous(), x2d, partial, seed, m, k, rank, _threshold_and_scale(p)[0], rows_per_split,
         RANK=rank_block, BLOCK_M=block_m, BLOCK_K=block_k,
     )  # fmt: skip
-    return partial.sum(0)[:rank].mul_(1.0 / (1.0 - p))
+    return partial.sum(0)[:rank].mul_(_threshold_and_scale(p)[1])
 
 
 def add_grad_x_(grad_x2d: torch.Tensor, grad_down: torch.Tensor, lora_a: torch.Tensor, p: float, seed) -> None:
@@ -147,7 +172,7 @@ def add_grad_x_(grad_x2d: torch.Tensor, grad_down: torch.Tensor, lora_a: torch.T
     (m, k), rank = grad_x2d.shape, lora_a.shape[0]
     block_m, block_k = 64, 128
     _add_grad_x_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
-        grad_x2d, grad_down.contiguous(), lora_a.contiguous(), seed, m, k, rank, p, 1.0 / (1.0 - p),
+        grad_x2d, grad_down.contiguous(), lora_a.contiguous(), seed, m, k, rank, *_threshold_and_scale(p),
         RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
     )  # fmt: skip
 
@@ -155,5 +180,6 @@ def add_grad_x_(grad_x2d: torch.Tensor, grad_down: torch.Tensor, lora_a: torch.T
 def keep_mask(rows: int, features: int, p: float, seed: torch.Tensor) -> torch.Tensor:
     """The mask the kernels draw for this seed, as a (rows, features) bool tensor: for tests."""
     out = torch.empty(rows, features, device=seed.device, dtype=torch.uint8)
-    _keep_mask_kernel[(triton.cdiv(rows * features, 1024),)](out, seed, rows, features, p, BLOCK=1024)
+    grid = (triton.cdiv(rows, 64), triton.cdiv(features, 64))
+    _keep_mask_kernel[grid](out, seed, rows, features, _threshold_and_scale(p)[0], BLOCK_M=64, BLOCK_K=64)
     return out.bool()

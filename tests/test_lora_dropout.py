@@ -46,14 +46,16 @@ def test_kernels_compute_dropout_written_out(kernels, rows, features, rank):
     seed = module.new_seed(device)
     keep = module.keep_mask(rows, features, P, seed)
     assert abs(keep.float().mean().item() - (1 - P)) < 0.02
-    dropped = x.float() * keep / (1 - P)  # what PEFT's dropout would hand the A projection, with this mask
+    dropped = (
+        x.float() * keep / (1 - module.effective_p(P))
+    )  # what PEFT's dropout would hand the A projection, with this mask
 
     down = module.down(x, a, P, seed)
     assert down.dtype == dtype and down.shape == (rows, rank)
     torch.testing.assert_close(down.float(), dropped @ a.float().t(), atol=tolerance * 10, rtol=tolerance)
     grad_a = module.grad_a(grad_down, x, P, seed)
     torch.testing.assert_close(grad_a, grad_down.float().t() @ dropped, atol=tolerance * 100, rtol=tolerance)
-    expected_grad_x = grad_x.float() + (grad_down.float() @ a.float()) * keep / (1 - P)
+    expected_grad_x = grad_x.float() + (grad_down.float() @ a.float()) * keep / (1 - module.effective_p(P))
     module.add_grad_x_(grad_x, grad_down, a, P, seed)
     torch.testing.assert_close(grad_x.float(), expected_grad_x, atol=tolerance * 10, rtol=tolerance)
 
@@ -67,6 +69,11 @@ def test_each_seed_and_element_draws_its_own_keep(kernels):
     )  # no repeated rows/columns
     assert torch.equal(module.keep_mask(64, 128, P, torch.tensor([1], device=device, dtype=torch.int32)), first)
     assert module.keep_mask(64, 128, 0.0, torch.tensor([1], device=device, dtype=torch.int32)).all()
+    # one random draw serves 8 neighbours: each of the 8 positions is kept at the rate asked, independently of the next
+    keep = module.keep_mask(512, 256, P, torch.tensor([3], device=device, dtype=torch.int32)).float()
+    for position in range(8):
+        assert abs(keep[:, position::8].mean().item() - (1 - P)) < 0.01, position
+    assert abs((keep[:, :-1] * keep[:, 1:]).mean().item() - (1 - P) ** 2) < 0.01
 
 
 def four_bit_weight(out_features, in_features, device, dtype):
@@ -94,7 +101,7 @@ def test_layer_with_kernel_dropout_equals_the_adapter_on_dropped_input(kernels):
     keep = module.keep_mask(3 * 37, 80, P, module.new_seed(device)).view(3, 37, 80)
 
     xs, as_, bs = (t.detach().float().requires_grad_() for t in (x, a, b))
-    expected = xs @ weight.float().t() + 2.0 * ((xs * keep / (1 - P)) @ as_.t()) @ bs.t()
+    expected = xs @ weight.float().t() + 2.0 * ((xs * keep / (1 - module.effective_p(P))) @ as_.t()) @ bs.t()
     expected.backward(grad_out.float())
     torch.testing.assert_close(out.float(), expected, atol=tolerance * 10, rtol=tolerance)
     for name, got, want in (("x", x, xs), ("A", a, as_), ("B", b, bs)):
