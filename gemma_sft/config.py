@@ -50,7 +50,8 @@ class DataArguments(ScriptArguments):
         default=True,
         metadata={
             "help": "Train each 4-bit LoRA layer as one autograd function instead of PEFT's chain of small kernels "
-            "(faster, same arithmetic; gemma_sft/fused_qlora.py). Not under FSDP or DeepSpeed ZeRO-3."
+            "(faster, same arithmetic; gemma_sft/fused_qlora.py); on a GPU its LoRA dropout is drawn inside the "
+            "kernels (same distribution as PEFT's, its own random stream). Not under FSDP or DeepSpeed ZeRO-3."
         },
     )
 
