@@ -101,10 +101,11 @@ def build_trainer(training_args, model_args, prepared, tokenizer, callbacks=(), 
     from datasets import Dataset
     from trl import SFTTrainer, get_peft_config
 
+    from gemma_sft import data, modeling
     from gemma_sft import fused_qlora as fused
-    from gemma_sft import modeling
 
     modeling.patch_fsdp_checkpoints()
+    data.pack_in_large_batches()
     if fused_qlora and model_args.load_in_4bit and not modeling.sharded_launch():
         fused.enable()
     else:
