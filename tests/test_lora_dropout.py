@@ -1,38 +1,42 @@
 """LoRA dropout drawn inside the kernels: the mask they draw, the products they compute with it, and the same mask
-again in a recomputed forward pass. Without a GPU the kernels run in Triton's interpreter, in fp32 (the interpreter
-mishandles bf16); on a GPU they are compiled and run in bf16."""
+again in a recomputed forward pass. On a GPU the kernels are compiled and run in bf16. Without one they run in
+Triton's interpreter, in fp32 (the interpreter mishandles bf16); the interpreter must be chosen before Triton is first
+imported, so on CPU `test_kernels_under_triton_interpreter` runs this file again in a fresh process with it on."""
 
-import importlib.util
+import os
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import gemma_sft
-from gemma_sft import fused_qlora
+from gemma_sft import REPO_ROOT, fused_qlora
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 P = 0.3
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    """(module, device, dtype, tolerance): compiled kernels on a GPU, else a module copy run by the interpreter."""
-    if torch.cuda.is_available():
-        from gemma_sft import lora_dropout
+    """(module, device, dtype, tolerance): compiled on a GPU, interpreted on CPU (in the fresh process below)."""
+    if not torch.cuda.is_available() and not INTERPRETED:
+        pytest.skip("without a GPU these run under test_kernels_under_triton_interpreter")
+    from gemma_sft import lora_dropout
 
-        yield lora_dropout, torch.device("cuda"), torch.bfloat16, 2e-2
-        return
-    patch = pytest.MonkeyPatch()
-    patch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are defined, so load a fresh copy of the module
-    spec = importlib.util.spec_from_file_location("lora_dropout_interpreted", Path(gemma_sft.__file__).parent /
-                                                  "lora_dropout.py")  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    patch.setitem(sys.modules, "gemma_sft.lora_dropout", module)  # what QLoRALinear imports
-    patch.setattr(gemma_sft, "lora_dropout", module, raising=False)
-    yield module, torch.device("cpu"), torch.float32, 1e-5
-    patch.undo()
+    if torch.cuda.is_available():
+        return lora_dropout, torch.device("cuda"), torch.bfloat16, 2e-2
+    return lora_dropout, torch.device("cpu"), torch.float32, 1e-5
+
+
+def test_kernels_under_triton_interpreter():
+    if torch.cuda.is_available() or INTERPRETED:
+        pytest.skip("the kernels run compiled on this GPU / this is the interpreted run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "6 passed, 1 skipped" in result.stdout, result.stdout[-500:]  # the six ran; skipped: this launcher
 
 
 @pytest.mark.parametrize(("rows", "features", "rank"), [(300, 160, 8), (2100, 96, 16), (70, 200, 24)])
