@@ -33,10 +33,9 @@ class QLoRALinear(torch.autograd.Function):
         weight = bnb_functional.dequantize_4bit(packed_weight, quant_state).to(dtype)
         ctx.dropout_p, ctx.seed = dropout_p, None
         if dropout_p:
-            from gemma_sft import lora_dropout
-
-            ctx.seed = lora_dropout.new_seed(x.device)
-            down = lora_dropout.down(lora_x2d, a, dropout_p, ctx.seed)
+            kernels = _dropout_kernels()
+            ctx.seed = kernels.new_seed(x.device)
+            down = kernels.down(lora_x2d, a, dropout_p, ctx.seed)
         else:
             down = lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
         if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): B's product lands in the same call,
@@ -58,19 +57,18 @@ class QLoRALinear(torch.autograd.Function):
         grad2d = grad_out.reshape(-1, grad_out.shape[-1])
         lora_grad2d = grad2d.to(down.dtype)
         grad_down = (lora_grad2d @ b).mul_(ctx.scaling)  # (tokens, r)
-        if ctx.dropout_p:
-            from gemma_sft import lora_dropout
-
-            grad_a = lora_dropout.grad_a(grad_down, lora_x2d, ctx.dropout_p, ctx.seed).to(a_dtype)
+        kernels = _dropout_kernels() if ctx.dropout_p else None
+        if kernels:
+            grad_a = kernels.grad_a(grad_down, lora_x2d, ctx.dropout_p, ctx.seed).to(a_dtype)
         else:
             grad_a = (grad_down.t() @ lora_x2d).to(a_dtype)
         grad_b = (lora_grad2d.t() @ down).mul_(ctx.scaling).to(b_dtype)
         grad_x = grad_lora_x = None
         if ctx.needs_input_grad[0] or (ctx.shared_input and ctx.needs_input_grad[1]):
             weight = bnb_functional.dequantize_4bit(ctx.packed_weight, ctx.quant_state).to(grad2d.dtype)
-            if ctx.dropout_p:  # the adapter branch's input gradient, masked as its input was, added in place
+            if kernels:  # the adapter branch's input gradient, masked as its input was, added in place
                 grad_x = grad2d @ weight
-                lora_dropout.add_grad_x_(grad_x, grad_down, a, ctx.dropout_p, ctx.seed)
+                kernels.add_grad_x_(grad_x, grad_down, a, ctx.dropout_p, ctx.seed)
                 grad_x = grad_x.view(x_shape)
             elif ctx.shared_input:  # no dropout: both branches saw x, so their input gradients add up in one call
                 grad_x = (grad2d @ weight).addmm_(grad_down.to(grad2d.dtype), a.to(grad2d.dtype)).view(x_shape)
