@@ -68,9 +68,7 @@ def test_each_seed_and_element_draws_its_own_keep(kernels):
     module, device, _, _ = kernels
     first, second = (module.keep_mask(64, 128, P, torch.tensor([s], device=device, dtype=torch.int32)) for s in (1, 2))
     assert not torch.equal(first, second)
-    assert not torch.equal(first[0], first[1]) and not torch.equal(
-        first[:, 0], first[:, 1]
-    )  # no repeated rows/columns
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[:, 0], first[:, 1])  # rows, columns differ
     assert torch.equal(module.keep_mask(64, 128, P, torch.tensor([1], device=device, dtype=torch.int32)), first)
     assert module.keep_mask(64, 128, 0.0, torch.tensor([1], device=device, dtype=torch.int32)).all()
     # one random draw serves 8 neighbours: each of the 8 positions is kept at the rate asked, independently of the next
@@ -80,22 +78,23 @@ def test_each_seed_and_element_draws_its_own_keep(kernels):
     assert abs((keep[:, :-1] * keep[:, 1:]).mean().item() - (1 - P) ** 2) < 0.01
 
 
-def four_bit_weight(out_features, in_features, device, dtype):
+def qlora_layer(out_features, in_features, device, dtype):
+    """A 4-bit weight (packed, its quantization state, its dequantized value) and LoRA factors A, B of rank 16."""
     import bitsandbytes.functional as bnb_functional
 
     weight = torch.randn(out_features, in_features, device=device, dtype=dtype) * 0.05
     packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4")
-    return packed, state, bnb_functional.dequantize_4bit(packed, state).to(dtype)
+    a = (torch.randn(16, in_features, device=device) * 0.1).to(dtype).requires_grad_()
+    b = (torch.randn(out_features, 16, device=device) * 0.1).to(dtype).requires_grad_()
+    return packed, state, bnb_functional.dequantize_4bit(packed, state).to(dtype), a, b
 
 
 def test_layer_with_kernel_dropout_equals_the_adapter_on_dropped_input(kernels):
     """QLoRALinear with dropout in its kernels: x W^T + s (dropout(x) A^T) B^T and its gradients, for its mask."""
     module, device, dtype, tolerance = kernels
     torch.manual_seed(0)
-    packed, state, weight = four_bit_weight(48, 80, device, dtype)
+    packed, state, weight, a, b = qlora_layer(48, 80, device, dtype)
     x = torch.randn(3, 37, 80, device=device, dtype=dtype, requires_grad=True)
-    a = (torch.randn(16, 80, device=device) * 0.1).to(dtype).requires_grad_()
-    b = (torch.randn(48, 16, device=device) * 0.1).to(dtype).requires_grad_()
     grad_out = torch.randn(3, 37, 48, device=device, dtype=dtype)
 
     torch.manual_seed(7)
@@ -119,10 +118,8 @@ def test_recomputed_forward_pass_draws_the_same_mask(kernels):
 
     _, device, dtype, tolerance = kernels
     torch.manual_seed(0)
-    packed, state, _ = four_bit_weight(64, 64, device, dtype)
+    packed, state, _, a, b = qlora_layer(64, 64, device, dtype)
     x = torch.randn(2, 50, 64, device=device, dtype=dtype, requires_grad=True)
-    a = (torch.randn(16, 64, device=device) * 0.1).to(dtype).requires_grad_()
-    b = (torch.randn(64, 16, device=device) * 0.1).to(dtype).requires_grad_()
 
     def two_layers(inputs):
         hidden = fused_qlora.QLoRALinear.apply(inputs, inputs, packed, state, a, b, 2.0, dtype, P)
