@@ -122,14 +122,15 @@ def supports(x: torch.Tensor, rank: int) -> bool:
     return x.is_cuda and x.is_contiguous() and x.shape[-1] % 8 == 0 and rank <= MAX_RANK and x.numel() < 2**31
 
 
-def effective_p(p: float) -> float:
-    """The drop probability the kernels apply: p rounded to the 16-bit draws' resolution."""
-    return round(p * 65536) / 65536
-
-
 def _threshold_and_scale(p: float) -> tuple[int, float]:
+    """A 16-bit draw below the threshold drops its element; kept elements are scaled by the scale."""
     threshold = round(p * 65536)
     return threshold, 65536 / (65536 - threshold)
+
+
+def effective_p(p: float) -> float:
+    """The drop probability the kernels apply: p rounded to the 16-bit draws' resolution."""
+    return _threshold_and_scale(p)[0] / 65536
 
 
 def new_seed(device: torch.device) -> torch.Tensor:
@@ -159,12 +160,13 @@ def grad_a(grad_down: torch.Tensor, x2d: torch.Tensor, p: float, seed: torch.Ten
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows_per_split)
     rank_block = _rank_block(rank)
+    threshold, scale = _threshold_and_scale(p)
     partial = torch.empty(splits, rank_block, k, device=x2d.device, dtype=torch.float32)
     _grad_a_kernel[(triton.cdiv(k, block_k), splits)](
-        grad_down.contiguous(), x2d, partial, seed, m, k, rank, _threshold_and_scale(p)[0], rows_per_split,
+        grad_down.contiguous(), x2d, partial, seed, m, k, rank, threshold, rows_per_split,
         RANK=rank_block, BLOCK_M=block_m, BLOCK_K=block_k,
     )  # fmt: skip
-    return partial.sum(0)[:rank].mul_(_threshold_and_scale(p)[1])
+    return partial.sum(0)[:rank].mul_(scale)
 
 
 def add_grad_x_(grad_x2d: torch.Tensor, grad_down: torch.Tensor, lora_a: torch.Tensor, p: float, seed) -> None:
