@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ################
     outputs.create_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
     guard = outputs.StopOnNonFiniteLoss()
-    trainer = build_trainer(training_args, model_args, prepared, tokenizer, [guard], data_args.fused_qlora)
+    trainer = build_trainer(
+        training_args, model_args, prepared, tokenizer, [guard], data_args.fused_qlora, data_args.keep_mlp_outputs
+    )
     if trainer.accelerator.num_processes > 1 and trainer.accelerator.distributed_type == "NO":
         raise UserError(
             "several processes were launched but accelerate set up no data parallelism, so each would train its "
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_trainer(training_args, model_args, prepared, tokenizer, callbacks=(), fused_qlora=True):
+def build_trainer(
+    training_args, model_args, prepared, tokenizer, callbacks=(), fused_qlora=True, keep_mlp_outputs=True
+):
     """The base model (4-bit when the recipe asks) in TRL's SFTTrainer with the LoRA config; shared with bench/."""
     from datasets import Dataset
     from trl import SFTTrainer, get_peft_config
@@ -106,10 +110,10 @@ def build_trainer(training_args, model_args, prepared, tokenizer, callbacks=(), 
 
     modeling.patch_fsdp_checkpoints()
     data.pack_in_large_batches()
-    if fused_qlora and model_args.load_in_4bit and not modeling.sharded_launch():
-        fused.enable()
-    else:
-        fused.disable()
+    fused_layers = fused_qlora and model_args.load_in_4bit and not modeling.sharded_launch()
+    fused.enable() if fused_layers else fused.disable()
+    if fused_layers and keep_mlp_outputs and training_args.gradient_checkpointing:
+        callbacks = [*callbacks, fused.KeepMLPOutputs()]
     model = modeling.load_model(modeling.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
     if training_args.torch_compile:
         # Compile one decoder layer and reuse it for every layer (accelerate's regional compilation) rather than

@@ -58,9 +58,15 @@ ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_step
 SETUPS = {
     "ours": (
         "gemma3_belle.yaml as shipped: one packed row of 32,768 tokens per step (padded to that one shape), "
-        "flex_attention, liger, fused QLoRA, full checkpointing",
+        "flex_attention, liger, fused QLoRA, checkpointing with the MLP outputs kept",
         MISSION,
         [],
+        None,
+    ),
+    "ours_recompute_mlp": (
+        "as shipped, the MLP outputs recomputed too (keep_mlp_outputs false; full checkpointing as before run 23)",
+        MISSION,
+        ["--keep_mlp_outputs", "false"],
         None,
     ),
     "ours_peft": ("as shipped, with PEFT's own QLoRA layers (fused_qlora false)", MISSION, NO_FUSED, None),
@@ -287,7 +293,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
                 self.python_profile.enable()
             if profile_to and state.global_step == steps - 1:
                 activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
                 self.profiler.start()
             torch.cuda.synchronize()
             self._t0, self._seen = time.perf_counter(), state.num_input_tokens_seen
@@ -314,7 +320,9 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     timer = Timer()
     fused_qlora.dropout_in_kernels = name != "ours_dropout_copy"
     torch.cuda.reset_peak_memory_stats()  # reserved memory's peak as well
-    trainer = build_trainer(training_args, model_args, prepared, tokenizer, [timer], data_args.fused_qlora)
+    trainer = build_trainer(
+        training_args, model_args, prepared, tokenizer, [timer], data_args.fused_qlora, data_args.keep_mlp_outputs
+    )
     trainer.train()
     processes = trainer.accelerator.num_processes
     if not trainer.is_world_process_zero():
@@ -370,6 +378,10 @@ def write_profile(profiler, step_seconds: float, path: Path) -> None:
         + events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
         + "\n\nHost side, by own CPU time:\n\n"
         + events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+        + "\n\nOperators by input shapes, by the GPU time of their kernels:\n\n"
+        + profiler.key_averages(group_by_input_shape=True).table(
+            sort_by="self_device_time_total", row_limit=70, max_name_column_width=50, max_shapes_column_width=90
+        )
     )
 
 

@@ -3,14 +3,18 @@
 PEFT computes a QLoRA layer as bitsandbytes' 4-bit matmul, a defensive copy of its output, then the adapter branch
 (dropout, A, B, a multiply by the scaling, an add), each a separate kernel and a separate node of the autograd graph.
 With many short packed samples per row the GPU finishes these faster than Python issues them, so the host sets the
-pace. Here the same arithmetic is one function: dequantize, one matmul for the frozen weight, one for A, and B's
-product added into that output in place (addmm_), with a backward pass written out by hand. On a GPU, LoRA dropout
-happens inside the adapter's kernels (gemma_sft/lora_dropout.py) instead of as a dropped copy of the input. Same
-results up to rounding (the adapter output is rounded once instead of twice) and, with dropout, up to the random
-draw; layers it does not cover keep PEFT's own forward.
+pace. Here the same arithmetic is one function: dequantize, one matmul for A, one for B, and the frozen weight's
+product added into that output by its own matmul (in place), with a backward pass written out by hand. On a GPU,
+LoRA dropout happens inside the adapter's kernels (gemma_sft/lora_dropout.py) instead of as a dropped copy of the
+input. Same results up to rounding and, with dropout, up to the random draw; layers it does not cover keep PEFT's own
+forward.
 """
 
+import contextlib
+import functools
+
 import torch
+from transformers import TrainerCallback
 
 dropout_in_kernels = True  # False: PEFT's dropout module makes the dropped copy, as before (the benchmark compares)
 
@@ -24,13 +28,12 @@ class QLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_x, packed_weight, quant_state, lora_a, lora_b, scaling, lora_dtype, dropout_p):
+    def forward(ctx, x, lora_x, packed_weight, quant_state, lora_a, lora_b, scaling, lora_dtype, dropout_p, kept=()):
         import bitsandbytes.functional as bnb_functional
 
         dtype = x.dtype
         a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
         x2d, lora_x2d = x.reshape(-1, x.shape[-1]), lora_x.reshape(-1, lora_x.shape[-1]).to(lora_dtype)
-        weight = bnb_functional.dequantize_4bit(packed_weight, quant_state).to(dtype)
         ctx.dropout_p, ctx.seed = dropout_p, None
         if dropout_p:
             kernels = _dropout_kernels()
@@ -38,14 +41,19 @@ class QLoRALinear(torch.autograd.Function):
             down = kernels.down(lora_x2d, a, dropout_p, ctx.seed)
         else:
             down = lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
-        if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): B's product lands in the same call,
-            out = (x2d @ weight.t()).addmm_(down, b.t(), alpha=scaling)  # in place (out-of-place copies the output)
-        else:  # rounded as PEFT rounds it: the adapter's output in its own dtype, then added
-            out = (x2d @ weight.t()).add_((down @ b.t()).mul_(scaling).to(dtype))
         ctx.save_for_backward(lora_x2d, down, a, b)
         ctx.packed_weight, ctx.quant_state, ctx.scaling = packed_weight, quant_state, scaling
         ctx.shared_input = lora_x is x
         ctx.shapes = (x.shape, lora_x.shape, lora_x.dtype, lora_a.dtype, lora_b.dtype)
+        if kept:  # a recomputation handed back this layer's output from the first pass: only the above was needed
+            return kept[0]
+        weight = bnb_functional.dequantize_4bit(packed_weight, quant_state).to(dtype)
+        if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): the adapter's output first, then the
+            # frozen weight's product added into it by the large matmul itself (in place: addmm copies its input)
+            out = torch.empty(x2d.shape[0], weight.shape[0], device=x.device, dtype=dtype)
+            out.addmm_(down, b.t(), beta=0, alpha=scaling).addmm_(x2d, weight.t())
+        else:  # rounded as PEFT rounds it: the adapter's output in its own dtype, then added
+            out = (x2d @ weight.t()).add_((down @ b.t()).mul_(scaling).to(dtype))
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -66,17 +74,16 @@ class QLoRALinear(torch.autograd.Function):
         grad_x = grad_lora_x = None
         if ctx.needs_input_grad[0] or (ctx.shared_input and ctx.needs_input_grad[1]):
             weight = bnb_functional.dequantize_4bit(ctx.packed_weight, ctx.quant_state).to(grad2d.dtype)
-            if kernels:  # the adapter branch's input gradient, masked as its input was, added in place
-                grad_x = grad2d @ weight
-                kernels.add_grad_x_(grad_x, grad_down, a, ctx.dropout_p, ctx.seed)
-                grad_x = grad_x.view(x_shape)
-            elif ctx.shared_input:  # no dropout: both branches saw x, so their input gradients add up in one call
-                grad_x = (grad2d @ weight).addmm_(grad_down.to(grad2d.dtype), a.to(grad2d.dtype)).view(x_shape)
+            # the adapter branch's input gradient first; the large matmul adds the frozen weight's into it
+            if kernels:  # masked as the adapter's input was
+                grad_x = kernels.grad_x(grad_down, a, ctx.dropout_p, ctx.seed).addmm_(grad2d, weight).view(x_shape)
+            elif ctx.shared_input:  # no dropout: both branches saw x
+                grad_x = (grad_down.to(grad2d.dtype) @ a.to(grad2d.dtype)).addmm_(grad2d, weight).view(x_shape)
             else:
                 grad_x = (grad2d @ weight).view(x_shape)
         if not ctx.shared_input and ctx.needs_input_grad[1]:
             grad_lora_x = (grad_down @ a).to(lora_x_dtype).view(lora_x_shape)
-        return grad_x, grad_lora_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, grad_lora_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def _fused_forward(layer, x):
@@ -97,10 +104,62 @@ def _fused_forward(layer, x):
         kernel_p = p
     elif p:
         lora_x = dropout(x)
-    return QLoRALinear.apply(
-        x, lora_x, layer.base_layer.weight, layer.base_layer.weight.quant_state,
-        lora_a, layer.lora_B[name].weight, layer.scaling[name], lora_dtype, kernel_p,
+    keeping = _checkpoint_phase if getattr(layer, "keep_output", False) else None
+    reused = keeping[0].pop(layer, None) if keeping and keeping[1] else None
+    out = QLoRALinear.apply(
+        x, lora_x, layer.base_layer.weight, layer.base_layer.weight.quant_state, lora_a, layer.lora_B[name].weight,
+        layer.scaling[name], lora_dtype, kernel_p, () if reused is None else (reused,),
     )  # fmt: skip
+    if keeping and not keeping[1]:  # the first pass of a checkpointed layer: keep the output for the recomputation
+        keeping[0][layer] = out.detach()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs kept through gradient checkpointing
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing runs each decoder layer's forward pass again in the backward pass, matmuls included. A layer
+# marked `keep_output` (the MLP's down projection: 2,560 values per token out of 10,240 in, the most recomputed
+# arithmetic per byte kept) keeps its output from the first pass, and the recomputation hands it back instead of
+# computing it again; the adapter's own small product (needed for B's gradient) is still recomputed.
+_checkpoint_phase = None  # (outputs kept by layer, replaying?) while a checkpointed decoder layer runs
+
+
+@contextlib.contextmanager
+def _phase(kept: dict, replaying: bool):
+    global _checkpoint_phase
+    previous, _checkpoint_phase = _checkpoint_phase, (kept, replaying)
+    try:
+        yield
+    finally:
+        _checkpoint_phase = previous
+
+
+def kept_outputs_context():
+    """torch.utils.checkpoint's context_fn: the first pass keeps marked layers' outputs, the recomputation reuses
+    them."""
+    kept = {}
+    return _phase(kept, replaying=False), _phase(kept, replaying=True)
+
+
+def keep_mlp_outputs(model) -> int:
+    """Mark the MLP down projections of `model`'s checkpointed decoder layers to keep their outputs; returns how many
+    layers now keep them. Call after gradient checkpointing is enabled (the Trainer does that when training starts)."""
+    from peft.tuners.lora import bnb as peft_bnb
+
+    layers = 0
+    for module in model.modules():
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        down = getattr(getattr(module, "mlp", None), "down_proj", None)
+        if not getattr(module, "gradient_checkpointing", False) or checkpoint is None or down is None:
+            continue
+        if not isinstance(down, peft_bnb.Linear4bit) or getattr(checkpoint, "keywords", {}).get("use_reentrant", True):
+            continue  # only the fused 4-bit layer replays; reentrant checkpointing takes no context_fn
+        if getattr(checkpoint, "keywords", {}).get("context_fn") is not kept_outputs_context:
+            module._gradient_checkpointing_func = functools.partial(checkpoint, context_fn=kept_outputs_context)
+        down.keep_output = True
+        layers += 1
+    return layers
 
 
 def _dropout_kernels():
@@ -148,3 +207,10 @@ def disable() -> None:
     from peft.tuners.lora import bnb as peft_bnb
 
     peft_bnb.Linear4bit.forward = getattr(peft_bnb.Linear4bit.forward, "peft_forward", peft_bnb.Linear4bit.forward)
+
+
+class KeepMLPOutputs(TrainerCallback):
+    """Applies `keep_mlp_outputs` once the Trainer has turned gradient checkpointing on (at the start of training)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        keep_mlp_outputs(model)

@@ -77,23 +77,21 @@ def _grad_a_kernel(grad_down_ptr, x_ptr, partial_ptr, seed_ptr, M, K, rank, thre
 
 
 @triton.jit
-def _add_grad_x_kernel(grad_x_ptr, grad_down_ptr, a_ptr, seed_ptr, M, K, rank, threshold, scale,
-                       RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """grad_x += keep(grad_down @ a) * scale, in place"""
+def _grad_x_kernel(grad_x_ptr, grad_down_ptr, a_ptr, seed_ptr, M, K, rank, threshold, scale,
+                   RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """grad_x = keep(grad_down @ a) * scale"""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     first_col = tl.program_id(1) * BLOCK_K
     cols = first_col + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, RANK)
     seed = tl.load(seed_ptr)
-    inside = (rows[:, None] < M) & (cols[None, :] < K)
     g = tl.load(grad_down_ptr + rows[:, None] * rank + ranks[None, :],
                 mask=(rows[:, None] < M) & (ranks[None, :] < rank), other=0.0)  # fmt: skip
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < rank) & (cols[None, :] < K),
                 other=0.0)  # fmt: skip
-    offsets = rows[:, None] * K + cols[None, :]
     lora = tl.where(_keep(seed, rows, first_col, K, threshold, BLOCK_M, BLOCK_K), tl.dot(g, a) * scale, 0.0)
-    grad_x = tl.load(grad_x_ptr + offsets, mask=inside, other=0.0)
-    tl.store(grad_x_ptr + offsets, (grad_x.to(tl.float32) + lora).to(grad_x_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_x_ptr + rows[:, None] * K + cols[None, :], lora.to(grad_x_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))  # fmt: skip
 
 
 @triton.jit
@@ -169,14 +167,17 @@ def grad_a(grad_down: torch.Tensor, x2d: torch.Tensor, p: float, seed: torch.Ten
     return partial.sum(0)[:rank].mul_(scale)
 
 
-def add_grad_x_(grad_x2d: torch.Tensor, grad_down: torch.Tensor, lora_a: torch.Tensor, p: float, seed) -> None:
-    """grad_x += dropout'(grad_down @ A): the input gradient of the adapter branch, added in place."""
-    (m, k), rank = grad_x2d.shape, lora_a.shape[0]
+def grad_x(grad_down: torch.Tensor, lora_a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """dropout'(grad_down @ A): the adapter branch's input gradient, masked as its input was, in grad_down's dtype.
+    Written, not added: the frozen weight's input gradient is then added into it by its own matmul (addmm_)."""
+    (m, rank), k = grad_down.shape, lora_a.shape[1]
+    out = torch.empty(m, k, device=grad_down.device, dtype=grad_down.dtype)
     block_m, block_k = 64, 128
-    _add_grad_x_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
-        grad_x2d, grad_down.contiguous(), lora_a.contiguous(), seed, m, k, rank, *_threshold_and_scale(p),
+    _grad_x_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
+        out, grad_down.contiguous(), lora_a.contiguous(), seed, m, k, rank, *_threshold_and_scale(p),
         RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
     )  # fmt: skip
+    return out
 
 
 def keep_mask(rows: int, features: int, p: float, seed: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ def count_fused_calls(monkeypatch):
     forward = fused_qlora.QLoRALinear.forward
 
     def counted(*args):
-        calls.append(args[1].shape)
+        calls.append((args[1].shape, "replayed" if args[10:] and args[10] else "computed"))
         return forward(*args)
 
     monkeypatch.setattr(fused_qlora.QLoRALinear, "forward", staticmethod(counted))
@@ -84,6 +84,38 @@ def test_cases_it_does_not_cover_keep_peft_forward(tiny_model_dir, count_fused_c
     assert not fused_qlora.covers(layer, x, (), {"adapter_names": ["default"]})  # mixed-adapter batches
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_dir, count_fused_calls, dropout):
+    """Under gradient checkpointing the down projections hand their first-pass output to the recomputation instead
+    of computing it again, and every gradient stays what full recomputation gives."""
+    model = four_bit_lora_model(tiny_model_dir, dropout)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused_qlora.enable()
+    ids = torch.randint(10, 1000, (2, 33))
+    results = []
+    for keep in (False, True):
+        if keep:
+            assert fused_qlora.keep_mlp_outputs(model) == 2  # both decoder layers
+        count_fused_calls.clear()
+        torch.manual_seed(1)
+        loss = model(ids).logits.float().pow(2).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad()
+        replayed = [shape for shape, how in count_fused_calls if how == "replayed"]
+        # each LoRA layer runs twice (forward, recomputation); with kept outputs the down projections' second run
+        # (input width: the MLP's intermediate size) takes the kept output
+        assert len(count_fused_calls) == 2 * 2 * 7
+        assert len(replayed) == (2 if keep else 0) and all(shape[-1] == 128 for shape in replayed), replayed
+    (full_loss, full_grads), (kept_loss, kept_grads) = results
+    assert torch.equal(kept_loss, full_loss) and kept_grads.keys() == full_grads.keys() and len(full_grads) == 28
+    for name, grad in full_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(kept_grads[name], grad, atol=0, rtol=0, msg=name)
+    # the wrapped checkpoint function is not wrapped twice
+    assert fused_qlora.keep_mlp_outputs(model) == 2
+
+
 def test_training_with_fused_layers_learns_peft_adapter(tmp_path, tiny_model_dir, count_fused_calls):
     """sft.py routes every QLoRA layer through the fused function and learns PEFT's adapter. (TRL keeps QLoRA adapters
     in bf16, so their matmuls round differently by a hair: hence the bf16-sized tolerance.)"""
@@ -99,9 +131,12 @@ def test_training_with_fused_layers_learns_peft_adapter(tmp_path, tiny_model_dir
         out = tmp_path / f"out-{fused}"
         args = [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
                 *TINY_RECIPE_FLAGS, *FOUR_BIT, "--max_length", "128", "--eval_samples", "0", "--lora_dropout", "0",
-                "--fused_qlora", fused]  # fmt: skip
+                "--fused_qlora", fused, "--gradient_checkpointing", "true"]  # fmt: skip
         assert sft_main(args) == 0
         assert bool(count_fused_calls) == (fused == "true")  # every forward of a QLoRA layer went through it
+        # the down projections' recomputations reused their kept outputs (keep_mlp_outputs, on by default)
+        replayed = sum(how == "replayed" for _, how in count_fused_calls)
+        assert replayed == (len(count_fused_calls) // 14 if fused == "true" else 0)
         adapters.append(load_file(str(out / "adapter_model.safetensors")))
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         losses.append([entry["loss"] for entry in history if "loss" in entry])
