@@ -105,15 +105,18 @@ def build_trainer(
     from datasets import Dataset
     from trl import SFTTrainer, get_peft_config
 
-    from gemma_sft import data, modeling
+    from gemma_sft import attention, data, modeling
     from gemma_sft import fused_qlora as fused
 
     modeling.patch_fsdp_checkpoints()
     data.pack_in_large_batches()
     fused_layers = fused_qlora and model_args.load_in_4bit and not modeling.sharded_launch()
     fused.enable() if fused_layers else fused.disable()
+    callbacks = [*callbacks, attention.NormHeadsInStoredLayout()]
     if fused_layers and keep_mlp_outputs and training_args.gradient_checkpointing:
-        callbacks = [*callbacks, fused.KeepMLPOutputs()]
+        callbacks.append(fused.KeepMLPOutputs())
+    if model_args.attn_implementation == "flex_attention":
+        attention.tune_flex_attention()
     model = modeling.load_model(modeling.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
     if training_args.torch_compile:
         # Compile one decoder layer and reuse it for every layer (accelerate's regional compilation) rather than

@@ -63,6 +63,13 @@ SETUPS = {
         [],
         None,
     ),
+    "ours_plain_attention": (
+        "as shipped, without the attention changes of run 25 (q/k norms through the stored layout, flex_attention "
+        "backward with 8 warps)",
+        MISSION,
+        [],
+        None,
+    ),
     "ours_recompute_mlp": (
         "as shipped, the MLP outputs recomputed too (keep_mlp_outputs false; full checkpointing as before run 23)",
         MISSION,
@@ -265,7 +272,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     import torch
     from transformers import TrainerCallback
 
-    from gemma_sft import config, data, fused_qlora, modeling
+    from gemma_sft import attention, config, data, fused_qlora, modeling
     from sft import build_trainer
 
     started = time.time()
@@ -319,6 +326,9 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 
     timer = Timer()
     fused_qlora.dropout_in_kernels = name != "ours_dropout_copy"
+    if name == "ours_plain_attention":  # this process only: Gemma 3's attention as transformers and Liger run it
+        attention.tune_flex_attention = lambda: None
+        attention.NormHeadsInStoredLayout.on_train_begin = lambda *args, **kwargs: None
     torch.cuda.reset_peak_memory_stats()  # reserved memory's peak as well
     trainer = build_trainer(
         training_args, model_args, prepared, tokenizer, [timer], data_args.fused_qlora, data_args.keep_mlp_outputs
