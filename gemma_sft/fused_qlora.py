@@ -28,25 +28,30 @@ class QLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_x, packed_weight, quant_state, lora_a, lora_b, scaling, lora_dtype, dropout_p, kept=()):
+    def forward(ctx, x, lora_x, packed_weight, quant_state, lora_a, lora_b, scaling, lora_dtype, dropout_p, kept=None):
         import bitsandbytes.functional as bnb_functional
 
         dtype = x.dtype
         a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
         x2d, lora_x2d = x.reshape(-1, x.shape[-1]), lora_x.reshape(-1, lora_x.shape[-1]).to(lora_dtype)
         ctx.dropout_p, ctx.seed = dropout_p, None
+        replaying = kept is not None and "out" in kept  # a recomputation handing back the first pass's results
         if dropout_p:
             kernels = _dropout_kernels()
-            ctx.seed = kernels.new_seed(x.device)
-            down = kernels.down(lora_x2d, a, dropout_p, ctx.seed)
+            ctx.seed = kernels.new_seed(x.device)  # drawn even when replaying: the generator advances as it did
+            if replaying:
+                ctx.seed = kept["seed"]
+            down = kept["down"] if replaying else kernels.down(lora_x2d, a, dropout_p, ctx.seed)
         else:
-            down = lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
+            down = kept["down"] if replaying else lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
         ctx.save_for_backward(lora_x2d, down, a, b)
         ctx.packed_weight, ctx.quant_state, ctx.scaling = packed_weight, quant_state, scaling
         ctx.shared_input = lora_x is x
         ctx.shapes = (x.shape, lora_x.shape, lora_x.dtype, lora_a.dtype, lora_b.dtype)
-        if kept:  # a recomputation handed back this layer's output from the first pass: only the above was needed
-            return kept[0]
+        if replaying:
+            return kept["out"]
+        if kept is not None:  # the first pass of a layer that keeps its results for the recomputation
+            kept.update(down=down, seed=ctx.seed)
         weight = bnb_functional.dequantize_4bit(packed_weight, quant_state).to(dtype)
         if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): the adapter's output first, then the
             # frozen weight's product added into it by the large matmul itself (in place: addmm copies its input)
@@ -104,14 +109,16 @@ def _fused_forward(layer, x):
         kernel_p = p
     elif p:
         lora_x = dropout(x)
-    keeping = _checkpoint_phase if getattr(layer, "keep_output", False) else None
-    reused = keeping[0].pop(layer, None) if keeping and keeping[1] else None
+    kept = None
+    if getattr(layer, "keep_output", False) and _checkpoint_phase:
+        by_layer, replaying = _checkpoint_phase
+        kept = by_layer.pop(layer, None) if replaying else by_layer.setdefault(layer, {})
     out = QLoRALinear.apply(
         x, lora_x, layer.base_layer.weight, layer.base_layer.weight.quant_state, lora_a, layer.lora_B[name].weight,
-        layer.scaling[name], lora_dtype, kernel_p, () if reused is None else (reused,),
+        layer.scaling[name], lora_dtype, kernel_p, kept,
     )  # fmt: skip
-    if keeping and not keeping[1]:  # the first pass of a checkpointed layer: keep the output for the recomputation
-        keeping[0][layer] = out.detach()
+    if kept is not None and "out" not in kept:  # the first pass: the output joins what QLoRALinear kept
+        kept["out"] = out.detach()
     return out
 
 
@@ -120,8 +127,8 @@ def _fused_forward(layer, x):
 # ---------------------------------------------------------------------------------------------------------------
 # Gradient checkpointing runs each decoder layer's forward pass again in the backward pass, matmuls included. A layer
 # marked `keep_output` (the MLP's down projection: 2,560 values per token out of 10,240 in, the most recomputed
-# arithmetic per byte kept) keeps its output from the first pass, and the recomputation hands it back instead of
-# computing it again; the adapter's own small product (needed for B's gradient) is still recomputed.
+# arithmetic per byte kept) keeps its output, its adapter's small product and its dropout seed from the first pass,
+# and the recomputation hands them back instead of computing them again.
 _checkpoint_phase = None  # (outputs kept by layer, replaying?) while a checkpointed decoder layer runs
 
 

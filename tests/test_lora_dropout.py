@@ -139,3 +139,18 @@ def test_recomputed_forward_pass_draws_the_same_mask(kernels):
         torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
     redrawn = gradients(lambda t: checkpoint(two_layers, t, use_reentrant=False, preserve_rng_state=False))
     assert not torch.allclose(redrawn[1], plain[1], atol=tolerance, rtol=tolerance)
+
+    # the second layer keeping its output, adapter product and seed for the recomputation, as keep_mlp_outputs does
+    store = {}
+
+    def second_layer_kept(inputs):
+        hidden = fused_qlora.QLoRALinear.apply(inputs, inputs, packed, state, a, b, 2.0, dtype, P)
+        kept = store.pop("second") if "second" in store else store.setdefault("second", {})
+        out = fused_qlora.QLoRALinear.apply(hidden, hidden, packed, state, a, b, 2.0, dtype, P, kept)
+        kept.setdefault("out", out.detach())
+        return out
+
+    replayed = gradients(lambda t: checkpoint(second_layer_kept, t, use_reentrant=False))
+    assert not store  # the recomputation took what the first pass kept
+    for got, want in zip(replayed, plain):
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
