@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed  ## create .venv/ from the pinned requirements.txt
 
-train: install  ## fine-tune: the mission recipe on a CUDA GPU (low-memory form under 20 GiB), the 270M demo on CPU (RECIPE=... to choose)
+train: install  ## fine-tune: the mission recipe on a CUDA GPU (low-memory form under 22 GiB), the 270M demo on CPU (RECIPE=... to choose)
 	$(shell $(PY) -m gemma_sft.hardware $(RECIPE))
 
 demo: install  ## the CPU demo end to end: train the 270M, then evaluate it

@@ -148,7 +148,7 @@ if __name__ == "__main__":
     run(
         main,
         on_interrupt="interrupted: re-run the same command to resume from the last checkpoint",
-        on_out_of_memory="on a card under 20 GiB use recipes/gemma3_belle_low_memory.yaml (the same job); below "
+        on_out_of_memory="on a card under 22 GiB use recipes/gemma3_belle_low_memory.yaml (the same job); below "
         "that, divide --max_length (and --pad_to_multiple_of) and multiply --gradient_accumulation_steps by the same "
         "factor; re-running resumes from the last checkpoint",
     )

@@ -135,6 +135,8 @@ def test_original_tool_flags_are_aliases():
 
 def test_make_train_picks_the_recipe_and_launcher_by_hardware():
     assert default_recipe(has_cuda=True, gpu_gib=23.6) == MISSION  # a 24 GB card
+    assert default_recipe(has_cuda=True, gpu_gib=22.0) == MISSION  # a 24 GB L4
+    assert default_recipe(has_cuda=True, gpu_gib=19.7) == LOW_MEMORY  # a 20 GB card
     assert default_recipe(has_cuda=True, gpu_gib=15.6) == LOW_MEMORY  # a 16 GB card
     assert default_recipe(has_cuda=False) == DEMO
     assert all(Path(REPO_ROOT / recipe).is_file() for recipe in (MISSION, LOW_MEMORY, DEMO))
