@@ -25,6 +25,7 @@ class QLoRALinear(torch.autograd.Function):
     The frozen weight's matmul runs in x's dtype; the adapter's own matmuls run in `lora_dtype`, as PEFT runs them
     (the autocast dtype, else the adapter weights' dtype: bf16 for QLoRA adapters made by TRL). `lora_x` is x, or
     x after PEFT's dropout; with `dropout_p` > 0 (lora_x is x, on a GPU) the kernels drop elements themselves.
+    `kept`, a dict or None, carries a layer's results from a checkpointed first pass to its recomputation (below).
     """
 
     @staticmethod
