@@ -113,8 +113,8 @@ def build_trainer(
     fused_layers = fused_qlora and model_args.load_in_4bit and not modeling.sharded_launch()
     fused.enable() if fused_layers else fused.disable()
     callbacks = [*callbacks, attention.NormHeadsInStoredLayout()]
-    if fused_layers and keep_mlp_outputs and training_args.gradient_checkpointing:
-        callbacks.append(fused.KeepMLPOutputs())
+    if fused_layers and keep_mlp_outputs and training_args.gradient_checkpointing and not training_args.torch_compile:
+        callbacks.append(fused.KeepMLPOutputs())  # (with torch_compile the compiled layers would trace it: untried)
     if model_args.attn_implementation == "flex_attention":
         attention.tune_flex_attention()
     model = modeling.load_model(modeling.resolve_model(model_args.model_name_or_path), model_args, tokenizer)

@@ -59,7 +59,7 @@ class DataArguments(ScriptArguments):
         metadata={
             "help": "With gradient checkpointing and fused QLoRA layers, keep each decoder layer's MLP output (its "
             "down projection) instead of recomputing it in the backward pass: faster, for 2 bytes x hidden size per "
-            "token per layer (~5 GiB for gemma-3-4b-it at 32,768 tokens per row)."
+            "token per layer (~5 GiB for gemma-3-4b-it at 32,768 tokens per row). Not with torch_compile."
         },
     )
 

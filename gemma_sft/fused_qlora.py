@@ -118,8 +118,8 @@ def _fused_forward(layer, x):
         x, lora_x, layer.base_layer.weight, layer.base_layer.weight.quant_state, lora_a, layer.lora_B[name].weight,
         layer.scaling[name], lora_dtype, kernel_p, kept,
     )  # fmt: skip
-    if kept is not None and "out" not in kept:  # the first pass: the output joins what QLoRALinear kept
-        kept["out"] = out.detach()
+    if kept is not None and "out" not in kept:  # the first pass: the output joins what QLoRALinear kept (autograd
+        kept["out"] = out.detach()  # refuses in-place changes to a custom Function's outputs, so it stays as read)
     return out
 
 
