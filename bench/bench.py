@@ -388,7 +388,7 @@ def write_profile(profiler, step_seconds: float, path: Path) -> None:
         + events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
         + "\n\nHost side, by own CPU time:\n\n"
         + events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
-        + "\n\nOperators by input shapes, by the GPU time of their kernels:\n\n"
+        + "\n\nOperators by input shapes, by their own GPU time:\n\n"
         + profiler.key_averages(group_by_input_shape=True).table(
             sort_by="self_device_time_total", row_limit=70, max_name_column_width=50, max_shapes_column_width=90
         )
