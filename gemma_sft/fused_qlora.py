@@ -39,12 +39,14 @@ class QLoRALinear(torch.autograd.Function):
         replaying = kept is not None and "out" in kept  # a recomputation handing back the first pass's results
         if dropout_p:
             kernels = _dropout_kernels()
-            ctx.seed = kernels.new_seed(x.device)  # drawn even when replaying: the generator advances as it did
-            if replaying:
-                ctx.seed = kept["seed"]
-            down = kept["down"] if replaying else kernels.down(lora_x2d, a, dropout_p, ctx.seed)
+            seed = kernels.new_seed(x.device)  # drawn even when replaying: the generator advances as it did
+            ctx.seed = kept["seed"] if replaying else seed
+        if replaying:
+            down = kept["down"]
+        elif dropout_p:
+            down = kernels.down(lora_x2d, a, dropout_p, ctx.seed)
         else:
-            down = kept["down"] if replaying else lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
+            down = lora_x2d @ a.t()  # (tokens, r): small, kept for the backward pass
         ctx.save_for_backward(lora_x2d, down, a, b)
         ctx.packed_weight, ctx.quant_state, ctx.scaling = packed_weight, quant_state, scaling
         ctx.shared_input = lora_x is x
@@ -158,12 +160,13 @@ def keep_mlp_outputs(model) -> int:
     layers = 0
     for module in model.modules():
         checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        keywords = getattr(checkpoint, "keywords", {})
         down = getattr(getattr(module, "mlp", None), "down_proj", None)
         if not getattr(module, "gradient_checkpointing", False) or checkpoint is None or down is None:
             continue
-        if not isinstance(down, peft_bnb.Linear4bit) or getattr(checkpoint, "keywords", {}).get("use_reentrant", True):
+        if not isinstance(down, peft_bnb.Linear4bit) or keywords.get("use_reentrant", True):
             continue  # only the fused 4-bit layer replays; reentrant checkpointing takes no context_fn
-        if getattr(checkpoint, "keywords", {}).get("context_fn") is not kept_outputs_context:
+        if keywords.get("context_fn") is not kept_outputs_context:
             module._gradient_checkpointing_func = functools.partial(checkpoint, context_fn=kept_outputs_context)
         down.keep_output = True
         layers += 1
