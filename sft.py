@@ -105,11 +105,12 @@ def build_trainer(
     from datasets import Dataset
     from trl import SFTTrainer, get_peft_config
 
-    from gemma_sft import attention, data, modeling
+    from gemma_sft import attention, data, modeling, output_head
     from gemma_sft import fused_qlora as fused
 
     modeling.patch_fsdp_checkpoints()
     data.pack_in_large_batches()
+    output_head.install()
     fused_layers = fused_qlora and model_args.load_in_4bit and not modeling.sharded_launch()
     fused.enable() if fused_layers else fused.disable()
     callbacks = [*callbacks, attention.NormHeadsInStoredLayout()]

@@ -19,6 +19,7 @@ memory tensors held, reserved GiB what the caching allocator held (what a card m
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import math
@@ -66,6 +67,13 @@ SETUPS = {
     "ours_plain_attention": (
         "as shipped, without the attention changes of run 25 (q/k norms through the stored layout, flex_attention "
         "backward with 8 warps)",
+        MISSION,
+        [],
+        None,
+    ),
+    "ours_trl_head": (
+        "as shipped, with TRL's own chunked output head (the logits projected again in the backward pass, as before "
+        "run 27)",
         MISSION,
         [],
         None,
@@ -272,7 +280,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     import torch
     from transformers import TrainerCallback
 
-    from gemma_sft import attention, config, data, fused_qlora, modeling
+    from gemma_sft import attention, config, data, fused_qlora, modeling, output_head
     from sft import build_trainer
 
     started = time.time()
@@ -289,10 +297,24 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     prepared = data.prepare_from_settings(resolved, tokenizer)
     prepared.eval = []
 
+    collecting = {"since": 0.0, "seconds": 0.0}  # Python's garbage collector: time inside collections
+
+    def on_collection(phase, info):
+        if phase == "start":
+            collecting["since"] = time.perf_counter()
+        else:
+            collecting["seconds"] += time.perf_counter() - collecting["since"]
+
+    gc.callbacks.append(on_collection)
+
     class Timer(TrainerCallback):
+        """Each step's time and tokens; also its time in garbage collection and the caching allocator's retries
+        (freeing its cache and synchronizing to satisfy an allocation), to explain slow steps."""
+
         def __init__(self):
             self.times, self.tokens, self.losses, self.first_step_at = [], [], [], None
-            self._t0 = self._seen = 0
+            self.gc_seconds, self.alloc_retries = [], []
+            self._t0 = self._seen = self._gc = self._retries = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
             if profile_to and state.global_step == steps - 2:  # Python's own view of the host, one step earlier
@@ -303,6 +325,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
                 self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
                 self.profiler.start()
             torch.cuda.synchronize()
+            self._gc, self._retries = collecting["seconds"], torch.cuda.memory_stats().get("num_alloc_retries", 0)
             self._t0, self._seen = time.perf_counter(), state.num_input_tokens_seen
             if self.first_step_at is None:
                 self.first_step_at = time.time()
@@ -311,6 +334,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
             self.tokens.append(state.num_input_tokens_seen - self._seen)
+            self.gc_seconds.append(round(collecting["seconds"] - self._gc, 3))
+            self.alloc_retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0) - self._retries)
             if getattr(self, "python_profile", None) is not None:
                 self.python_profile.disable()
                 write_python_profile(self.python_profile, self.times[-1], Path(profile_to) / f"python-{name}.txt")
@@ -329,6 +354,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     if name == "ours_plain_attention":  # this process only: Gemma 3's attention as transformers and Liger run it
         attention.tune_flex_attention = lambda: None
         attention.NormHeadsInStoredLayout.on_train_begin = lambda *args, **kwargs: None
+    if name == "ours_trl_head":  # this process only: SFTTrainer's loss through TRL's own chunked head
+        output_head.install = lambda: None
     torch.cuda.reset_peak_memory_stats()  # reserved memory's peak as well
     trainer = build_trainer(
         training_args, model_args, prepared, tokenizer, [timer], data_args.fused_qlora, data_args.keep_mlp_outputs
@@ -366,6 +393,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "losses": timer.losses,
         "step_s": [round(t, 3) for t in timer.times],
         "step_tokens": timer.tokens,
+        "step_gc_s": timer.gc_seconds,
+        "step_alloc_retries": timer.alloc_retries,
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(timer.first_step_at - started + warmup_excess + mission_tokens / tok_s),
     }
