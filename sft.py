@@ -113,7 +113,7 @@ def build_trainer(
     output_head.install()
     fused_layers = fused_qlora and model_args.load_in_4bit and not modeling.sharded_launch()
     fused.enable() if fused_layers else fused.disable()
-    callbacks = [*callbacks, attention.NormHeadsInStoredLayout()]
+    callbacks = [*callbacks, attention.NormHeadsInStoredLayout(), modeling.FreezeSetUpObjects()]
     if fused_layers and keep_mlp_outputs and training_args.gradient_checkpointing and not training_args.torch_compile:
         callbacks.append(fused.KeepMLPOutputs())  # (with torch_compile the compiled layers would trace it: untried)
     if model_args.attn_implementation == "flex_attention":

@@ -5,10 +5,12 @@ above the inputs. On a GPU: python bench/head_probe.py [tokens]"""
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from trl.kernels import ChunkedLogProbFunction
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gemma_sft import output_head
 
 TOKENS = int(sys.argv[1]) if len(sys.argv) > 1 else 22000

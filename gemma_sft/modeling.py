@@ -1,9 +1,11 @@
 """Loading the tokenizer (with our chat template) and the base model, quantized or not, minding Gemma 3's pitfalls."""
 
+import gc
 import os
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from gemma_sft import REPO_ROOT, UserError, embedded
 
@@ -154,6 +156,19 @@ def patch_fsdp_checkpoints() -> None:
     tuners_utils._get_tuner_state_dict_key_prefixes = key_prefixes
     peft.set_peft_model_state_dict = load_adapter_state
     transformers.trainer.load_fsdp_optimizer = load_optimizer_state
+
+
+class FreezeSetUpObjects(TrainerCallback):
+    """Keep the objects made while setting up (model modules, tokenizer, tokenized rows) out of Python's garbage
+    collector while training: they live to the end anyway, and each full collection walked them all, 0.4-0.55 s of
+    one step in about fifteen (bench/results, run 27). Unfrozen when training ends."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        gc.collect()
+        gc.freeze()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        gc.unfreeze()
 
 
 def create_optimizer_state(optimizer) -> None:

@@ -270,3 +270,35 @@ def test_trainer_packs_the_whole_sample_at_once(tmp_path, tiny_model_dir):
         return sum(fill < 0.9 * training_args.max_length for fill in fills)
 
     assert part_filled(ours) < part_filled(theirs)  # 1 against 3: one per batch of 1,000
+
+
+def test_set_up_objects_are_out_of_the_garbage_collectors_view_while_training(tmp_path, tiny_model_dir):
+    """Full collections would walk every object made while loading, each time; training freezes them, then
+    gives them back to the collector."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    from gemma_sft import config, data, modeling
+    from sft import build_trainer
+
+    class FrozenCount(TrainerCallback):
+        def __init__(self):
+            self.counts = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.counts.append(gc.get_freeze_count())
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(8))
+    _, training_args, model_args, resolved = config.parse(
+        [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(rows), "--output_dir", str(tmp_path / "out"),
+         *TINY_RECIPE_FLAGS, "--max_steps", "2"]
+    )  # fmt: skip
+    tokenizer = modeling.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
+    probe = FrozenCount()
+    before = gc.get_freeze_count()
+    trainer = build_trainer(training_args, model_args, data.prepare_from_settings(resolved, tokenizer), tokenizer,
+                            [probe])  # fmt: skip
+    trainer.train()
+    assert len(probe.counts) == 2 and min(probe.counts) > before + 10_000  # the interpreter's heap, model included
+    assert gc.get_freeze_count() == before
