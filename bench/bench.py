@@ -99,6 +99,12 @@ SETUPS = {
         [],
         None,
     ),
+    "low_memory_static": (
+        "low-memory recipe with every row padded to 8,192 tokens (one shape, as the mission recipe pads to 32,768)",
+        LOW_MEMORY,
+        ["--pad_to_multiple_of", "8192"],
+        None,
+    ),
     "low_memory_16k": (
         "low-memory recipe with rows of 16,384 tokens x accumulation 2, padded to that one shape",
         LOW_MEMORY,
