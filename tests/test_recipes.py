@@ -84,6 +84,7 @@ def test_low_memory_recipe_is_the_mission_job_in_smaller_rows():
                 for a in (mission_args, low_args)]  # fmt: skip
     assert per_step[0] == per_step[1]  # tokens per optimizer step, and so the number of steps and the schedule
     assert (low_args.max_length, low_args.gradient_accumulation_steps) == (8192, 4)
+    assert low_args.pad_to_multiple_of == low_args.max_length  # one shape, as in the mission recipe
 
 
 def test_several_gpus_are_told_the_flags_that_keep_the_one_gpu_batch():
