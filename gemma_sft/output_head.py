@@ -3,7 +3,7 @@
 TRL's SFTTrainer scores only the supervised positions, through a chunked head that never holds all the logits at
 once (`trl.kernels.ChunkedLogProbFunction`): the forward pass projects tiles of tokens x vocabulary and folds them
 into log-sum-exp statistics; the backward pass projects every tile again to turn it into the logits' gradient. With
-Gemma 3's 262k-token vocabulary each of those projections is as large as a decoder layer's matmuls together.
+Gemma 3's 262k-word vocabulary each of those projections costs about what seven decoder layers' matmuls cost.
 
 Here a chunk of tokens is projected onto the whole vocabulary once. One kernel reads each token's logits for the
 log-sum-exp, the label's log-probability, the entropy and whether the label is the top token, then overwrites them
