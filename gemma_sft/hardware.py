@@ -8,7 +8,7 @@ MISSION = "recipes/gemma3_belle.yaml"
 LOW_MEMORY = "recipes/gemma3_belle_low_memory.yaml"
 DEMO = "recipes/gemma3_270m_belle_demo.yaml"
 SINGLE_GPU = "accelerate_configs/single_gpu.yaml"
-# The mission recipe reserves 18.1 GiB at its peak (H200, bench run 26); with the CUDA context that fits a 24 GB card
+# The mission recipe reserves 18.5 GiB at its peak (H200, bench run 28); with the CUDA context that fits a 24 GB card
 # (22-23.6 GiB usable) but not a 20 GB one, so cards under 22 GiB get the low-memory recipe.
 MISSION_MIN_GIB = 22
 
