@@ -6,7 +6,7 @@ ADAPTER ?= outputs/gemma3-270m-belle-demo
 OUTPUT ?= $(ADAPTER)-merged
 RECIPE ?=
 
-.PHONY: install train demo test test-fast eval chat merge bench lint format clean
+.PHONY: install train demo test test-fast eval chat merge bench bench-quality lint format clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,8 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed  ## create .venv/ from the pinned requirements.txt
 
-train: install  ## fine-tune: the mission recipe on a CUDA GPU (low-memory form under 22 GiB), the 270M demo on CPU (RECIPE=... to choose)
-	$(shell $(PY) -m gemma_sft.hardware $(RECIPE))
+train: install  ## fine-tune: the mission recipe on a CUDA GPU (low-memory form under 14 GiB), the 270M demo on CPU (RECIPE=... to choose)
+	$(PY) -m gemma_sft.hardware $(RECIPE)
 
 demo: install  ## the CPU demo end to end: train the 270M, then evaluate it
 	$(PY) sft.py recipes/gemma3_270m_belle_demo.yaml
@@ -40,6 +40,9 @@ merge: install  ## merge the adapter into a 16-bit base -> OUTPUT
 
 bench: install  ## throughput benchmark (needs a CUDA GPU): original settings vs ours -> bench/results.json
 	$(PY) bench/bench.py
+
+bench-quality: install  ## time to quality (needs a CUDA GPU): held-out loss against wall time per set-up -> bench/quality/
+	$(PY) bench/quality.py
 
 lint: install  ## ruff check and format check
 	$(VENV)/bin/ruff check .

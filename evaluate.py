@@ -1,7 +1,9 @@
 """Compare the base model and base + adapter on held-out data: answer loss, perplexity, greedy generations.
 
     python evaluate.py --adapter outputs/gemma3-270m-belle-demo                # the run's own held-out rows
-    python evaluate.py --adapter outputs/gemma3-4b-belle-qlora --data my_eval.jsonl
+    python evaluate.py --adapter outputs/gemma3-4b-belle-qlora --data data/belle_eval_zh.jsonl   # our held-out set
+
+Rows with a "category" field are also scored by category; the report warns where the adapter is worse than the base.
 
 Writes ADAPTER/report.md, ADAPTER/eval_report.json and ADAPTER/loss_curve.png.
 """
@@ -26,15 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         records = data.load_records(args.data)
         prepared = data.prepare(records, args.data, tokenizer, max_samples=0, eval_samples=0, max_length=None, seed=0)
-        conversations = prepared.train_messages
+        conversations, categories = prepared.train_messages, prepared.train_categories
     else:  # redraw the run's held-out rows: same source, seed and sizes give the same split
         if "dataset_name" not in recipe:
             raise UserError(f"{args.adapter}: no recipe.yaml to redraw the held-out rows from; pass --data FILE")
         prepared = data.prepare_from_settings(recipe, tokenizer)
-        conversations = prepared.eval_messages
+        conversations, categories = prepared.eval_messages, prepared.eval_categories
         if not conversations:
             raise UserError(f"{args.adapter}: the run held out no rows (eval_samples: 0); pass --data FILE")
-    result = evaluation.compare(model, tokenizer, conversations, args.adapter, args.num_prompts, args.max_new_tokens)
+    result = evaluation.compare(
+        model, tokenizer, conversations, args.adapter, args.num_prompts, args.max_new_tokens, categories
+    )
     for prompt, before, after in result["generations"]:
         print(f"\n>>> {prompt[-1]['content']}\n[base]    {before}\n[adapter] {after}")
     print("\n" + result["summary"])

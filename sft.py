@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if prepared.eval and data_args.eval_report and trainer.accelerator.num_processes == 1:
         from gemma_sft import evaluation
 
-        report = evaluation.compare(trainer.model, tokenizer, prepared.eval_messages, training_args.output_dir)
+        report = evaluation.compare(
+            trainer.model, tokenizer, prepared.eval_messages, training_args.output_dir,
+            categories=prepared.eval_categories,
+        )  # fmt: skip
         print(report["summary"])
     elif prepared.eval and data_args.eval_report and trainer.is_world_process_zero():
         print(f"Next: python evaluate.py --adapter {training_args.output_dir}")
@@ -149,7 +152,7 @@ if __name__ == "__main__":
     run(
         main,
         on_interrupt="interrupted: re-run the same command to resume from the last checkpoint",
-        on_out_of_memory="on a card under 22 GiB use recipes/gemma3_belle_low_memory.yaml (the same job); below "
+        on_out_of_memory="on a card under 14 GiB use recipes/gemma3_belle_low_memory.yaml (the same job); below "
         "that, divide --max_length (and --pad_to_multiple_of) and multiply --gradient_accumulation_steps by the same "
         "factor; re-running resumes from the last checkpoint",
     )

@@ -64,6 +64,18 @@ SETUPS = {
         [],
         None,
     ),
+    "ours_8k": (
+        "as shipped, with one packed row of 8,192 tokens per step (padded to that one shape)",
+        MISSION,
+        ["--max_length", "8192", "--pad_to_multiple_of", "8192"],
+        None,
+    ),
+    "ours_16k": (
+        "as shipped, with one packed row of 16,384 tokens per step (padded to that one shape)",
+        MISSION,
+        ["--max_length", "16384", "--pad_to_multiple_of", "16384"],
+        None,
+    ),
     "ours_plain_attention": (
         "as shipped, without the attention changes of run 25 (q/k norms through the stored layout, flex_attention "
         "backward with 8 warps)",
@@ -116,6 +128,12 @@ SETUPS = {
         "original tool: batch 1 x accumulation 4, no packing, grad checkpointing, sdpa",
         LOW_MEMORY,
         ["--packing", "false", "--max_length", "1024", *SDPA_NO_LIGER],
+        None,
+    ),
+    "original_fast": (
+        "original tool's batches (1 sample x accumulation 4, no packing) with the mission recipe's kernels",
+        MISSION,
+        ["--packing", "false", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4"],
         None,
     ),
     "pack4k": ("packing 4,096 tokens per row, sdpa", LOW_MEMORY, ["--max_length", "4096", *SDPA_NO_LIGER], None),

@@ -29,6 +29,13 @@ class DataArguments(ScriptArguments):
 
     max_samples: int = field(default=2000, metadata={"help": "Training rows drawn at random with `seed`; 0 = all."})
     eval_samples: int = field(default=100, metadata={"help": "Held-out rows, disjoint from the training rows."})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A separate held-out data file: eval_samples rows are drawn from it (0 = all of it) and none are "
+            "split off the training data."
+        },
+    )
     system_prompt: str | None = field(
         default=None, metadata={"help": "System message for rows that have none (Belle rows never do)."}
     )
@@ -59,7 +66,7 @@ class DataArguments(ScriptArguments):
         metadata={
             "help": "With gradient checkpointing and fused QLoRA layers, keep each decoder layer's MLP output (its "
             "down projection) instead of recomputing it in the backward pass: faster, for 2 bytes x hidden size per "
-            "token per layer (~5 GiB for gemma-3-4b-it at 32,768 tokens per row). Not with torch_compile."
+            "token per layer (~2.5 GiB for gemma-3-4b-it at 16,384 tokens per row). Not with torch_compile."
         },
     )
 
@@ -68,8 +75,10 @@ DATACLASSES = (DataArguments, SFTConfig, ModelConfig)
 # Always written to the resolved recipe, so the held-out rows can be drawn again (evaluate.py) from it alone.
 SAMPLING_KEYS = (
     "dataset_name", "dataset_config", "dataset_train_split", "max_samples", "eval_samples", "max_length", "seed",
-    "system_prompt", "drop_overlong", "model_name_or_path",
+    "system_prompt", "drop_overlong", "model_name_or_path", "eval_dataset_name",
 )  # fmt: skip
+# Unpacked batches are padded to a multiple of this: few shapes, little padding.
+UNPACKED_PAD = 64
 
 
 class RecipeParser(TrlParser):
@@ -188,6 +197,15 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
     resolved = {key: _plain(getattr(owners[key], key)) for key in keys if key in owners}
     if "include_num_input_tokens_seen" in resolved:  # transformers turns true/false into "all"/"no", which its own
         resolved["include_num_input_tokens_seen"] = resolved["include_num_input_tokens_seen"] != "no"  # parser refuses
+
+    # A packed recipe's row shape (pad_to_multiple_of 16,384) and flex_attention are for packed rows. With packing
+    # off they would pad each ~300-token sample to the whole row and compile attention again for each new length, so
+    # unless given on the command line, unpacked batches are padded to a multiple of UNPACKED_PAD and use sdpa.
+    if not training_args.packing:
+        if (training_args.pad_to_multiple_of or 0) > UNPACKED_PAD and "pad_to_multiple_of" not in flags:
+            training_args.pad_to_multiple_of = resolved["pad_to_multiple_of"] = UNPACKED_PAD
+        if model_args.attn_implementation == "flex_attention" and "attn_implementation" not in flags:
+            model_args.attn_implementation = resolved["attn_implementation"] = "sdpa"
 
     # Rows padded to one shape carry padding, so count what is trained: the real tokens. (transformers' parser reads
     # this field as a bool, so a recipe cannot ask for "non_padding" by name.)

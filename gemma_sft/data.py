@@ -41,6 +41,8 @@ class PreparedData:
     train_messages: list[list[dict]]
     eval_messages: list[list[dict]]
     skipped: Counter = field(default_factory=Counter)
+    eval_categories: list[str | None] = field(default_factory=list)  # each row's "category" field, if any
+    train_categories: list[str | None] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,17 +308,19 @@ def prepare(
         raise UserError("max_samples and eval_samples must be 0 or more")
     fmt = detect_format(records[0])
     skipped: Counter = Counter()
-    usable = []
+    usable, categories = [], []
     for record in records:
         try:
             usable.append(to_messages(record, fmt, system_prompt))
         except Skip as reason:
             skipped[str(reason)] += 1
+            continue
+        categories.append(category_of(record))
 
     order = list(range(len(usable)))
     random.Random(seed).shuffle(order)
     wanted = eval_samples + max_samples if max_samples else None
-    kept_ids, kept_messages = [], []
+    kept_ids, kept_messages, kept_categories = [], [], []
     for index in order:
         if wanted is not None and len(kept_ids) == wanted:
             break
@@ -326,6 +330,7 @@ def prepare(
             continue
         kept_ids.append(tokens)
         kept_messages.append(usable[index])
+        kept_categories.append(categories[index])
 
     if len(kept_ids) <= eval_samples:
         detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none skipped"
@@ -342,24 +347,54 @@ def prepare(
         eval_messages=kept_messages[:eval_samples],
         train_messages=kept_messages[eval_samples:],
         skipped=skipped,
+        eval_categories=kept_categories[:eval_samples],
+        train_categories=kept_categories[eval_samples:],
     )
 
 
+def category_of(record: Record) -> str | None:
+    """A row's optional "category" (Belle's task type: open_qa, maths, ...), which reports break results down by."""
+    value = record.value.get("category") if isinstance(record.value, dict) else None
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{record.where}: field 'category' must be a string, got {type(value).__name__}")
+    return value or None
+
+
 def prepare_from_settings(settings: dict, tokenizer) -> PreparedData:
-    """Load and prepare the data a resolved recipe describes (see config.SAMPLING_KEYS)."""
+    """Load and prepare the data a resolved recipe describes (see config.SAMPLING_KEYS).
+
+    With `eval_dataset_name`, the held-out rows are `eval_samples` rows drawn from that file (all of it for 0) and
+    every usable row of the training data may be trained on; otherwise they are split off the training data.
+    """
     source = settings["dataset_name"]
     records = load_records(source, settings["dataset_config"], settings["dataset_train_split"])
-    return prepare(
+    separate_eval = settings.get("eval_dataset_name")
+    prepared = prepare(
         records,
         source,
         tokenizer,
         max_samples=settings["max_samples"],
-        eval_samples=settings["eval_samples"],
+        eval_samples=0 if separate_eval else settings["eval_samples"],
         max_length=settings["max_length"],
         seed=settings["seed"],
         system_prompt=settings["system_prompt"],
         drop_overlong=settings["drop_overlong"],
     )
+    if separate_eval:
+        held_out = prepare(
+            load_records(separate_eval),
+            separate_eval,
+            tokenizer,
+            max_samples=settings["eval_samples"],
+            eval_samples=0,
+            max_length=settings["max_length"],
+            seed=settings["seed"],
+            system_prompt=settings["system_prompt"],
+            drop_overlong=settings["drop_overlong"],
+        )
+        prepared.eval, prepared.eval_messages = held_out.train, held_out.train_messages
+        prepared.eval_categories = held_out.train_categories
+    return prepared
 
 
 def summarize(data: PreparedData, tokenizer) -> tuple[str, dict]:

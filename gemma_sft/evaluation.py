@@ -44,22 +44,62 @@ def answer_loss(model, tokenizer, conversations: list[list[dict]], max_positions
     """
     model.eval()
     device = _device(model)
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens, per_row = 0.0, 0, []
     for messages in conversations:
         encoded = tokenize(tokenizer, messages)
         ids = torch.tensor([encoded["input_ids"]], device=device)
         # position t predicts token t + 1: the positions before each supervised token
         targets = [(t - 1, token) for t, (token, m) in enumerate(zip(encoded["input_ids"], encoded["assistant_masks"]))
                    if m and t > 0]  # fmt: skip
+        row_loss = 0.0
         for start in range(0, len(targets), max_positions):
             chunk = targets[start : start + max_positions]
             positions = torch.tensor([t for t, _ in chunk], device=device)
             logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0]
             labels = torch.tensor([token for _, token in chunk], device=device)
-            total_loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+            row_loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        total_loss += row_loss
         total_tokens += len(targets)
+        per_row.append((row_loss, len(targets)))
     loss = total_loss / max(total_tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens, "rows": len(conversations)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        "tokens": total_tokens,
+        "rows": len(conversations),
+        "per_row": per_row,
+    }
+
+
+def by_category(result: dict, categories: list[str | None]) -> dict[str, float]:
+    """Answer loss per category (pooled over the category's supervised tokens), from `answer_loss`'s rows."""
+    sums: dict[str, list[float]] = {}
+    for (row_loss, tokens), category in zip(result["per_row"], categories):
+        if category is not None:
+            entry = sums.setdefault(category, [0.0, 0])
+            entry[0] += row_loss
+            entry[1] += tokens
+    return {name: loss / max(tokens, 1) for name, (loss, tokens) in sorted(sums.items())}
+
+
+WHAT_TO_TRY = (
+    "try a lower learning_rate or fewer epochs, more training rows that look like the held-out ones (their length "
+    "and kind of task), and check that the held-out rows are the kind of data the adapter is meant for"
+)
+
+
+def warnings_for(base: dict, tuned: dict, base_categories: dict, tuned_categories: dict) -> list[str]:
+    """Plain sentences for each way the adapter is worse than the base model on held-out rows."""
+    found = []
+    if tuned["loss"] > base["loss"]:
+        found.append(f"the adapter is worse than the base model on the held-out rows ({base['loss']:.4f} -> "
+                     f"{tuned['loss']:.4f})")  # fmt: skip
+    worse = [name for name in tuned_categories if tuned_categories[name] > base_categories[name]]
+    if worse:
+        shown = ", ".join(f"{name} ({base_categories[name]:.4f} -> {tuned_categories[name]:.4f})" for name in worse)
+        found.append(f"the adapter is worse than the base model on {len(worse)} categor"
+                     f"{'y' if len(worse) == 1 else 'ies'}: {shown}")  # fmt: skip
+    return found
 
 
 @torch.no_grad()
@@ -107,9 +147,18 @@ def _cell(text: str) -> str:
 
 
 def compare(
-    model, tokenizer, conversations, adapter_dir: Path, num_prompts: int = 5, max_new_tokens: int = 128
+    model,
+    tokenizer,
+    conversations,
+    adapter_dir: Path,
+    num_prompts: int = 5,
+    max_new_tokens: int = 128,
+    categories: list[str | None] | None = None,
 ) -> dict:
-    """Evaluate base (adapter disabled) and adapter on the same rows; write report.md and loss_curve.png."""
+    """Evaluate base (adapter disabled) and adapter on the same rows; write report.md and loss_curve.png.
+
+    With `categories` (one per row, None where a row has none) the losses are also broken down by category, and the
+    report warns where the adapter is worse than the base model, overall or on any category."""
     shown = conversations[:num_prompts]
     last_answer = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in shown]
     prompts = [c[:at] for c, at in zip(shown, last_answer)]
@@ -124,6 +173,9 @@ def compare(
     adapter_dir = Path(adapter_dir)
     has_curve = plot_loss_curve(adapter_dir / "trainer_state.json", adapter_dir / "loss_curve.png")
     change = 100 * (tuned["loss"] - base["loss"]) / base["loss"]
+    categories = categories or [None] * len(conversations)
+    base_categories, tuned_categories = by_category(base, categories), by_category(tuned, categories)
+    warnings = warnings_for(base, tuned, base_categories, tuned_categories)
     lines = [
         f"# Evaluation of `{adapter_dir}`",
         "",
@@ -137,6 +189,17 @@ def compare(
         f"Change in answer loss: {change:+.1f}%.",
         "",
     ]
+    if warnings:
+        lines += [f"**Warning: {text}.** What to try: {WHAT_TO_TRY}." for text in warnings] + [""]
+    if tuned_categories:
+        counts = {name: categories.count(name) for name in tuned_categories}
+        lines += ["| category | rows | base | base + adapter | change |", "|---|---|---|---|---|"]
+        for name, after in tuned_categories.items():
+            before = base_categories[name]
+            lines.append(
+                f"| {name} | {counts[name]} | {before:.4f} | {after:.4f} | {100 * (after - before) / before:+.1f}% |"
+            )
+        lines.append("")
     if has_curve:
         lines += ["![training loss](loss_curve.png)", ""]
     if prompts:
@@ -145,11 +208,21 @@ def compare(
             lines.append(f"| {_cell(prompt[-1]['content'])} | {_cell(reference)} | {_cell(before)} | {_cell(after)} |")
         lines.append("")
     (adapter_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    results = {"base": base, "adapter": tuned, "loss_change_percent": change}
+    drop = ("per_row",)
+    results = {
+        "base": {k: v for k, v in base.items() if k not in drop},
+        "adapter": {k: v for k, v in tuned.items() if k not in drop},
+        "loss_change_percent": change,
+        "categories": {
+            name: {"base": base_categories[name], "adapter": tuned_categories[name]} for name in tuned_categories
+        },
+        "warnings": warnings,
+    }
     (adapter_dir / "eval_report.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     summary = (
         f"Held-out answer loss: base {base['loss']:.4f} (ppl {base['perplexity']:.2f}) -> adapter "
         f"{tuned['loss']:.4f} (ppl {tuned['perplexity']:.2f}), {change:+.1f}% over {base['tokens']:,} tokens; "
         f"report: {adapter_dir / 'report.md'}"
     )
+    summary += "".join(f"\nWARNING: {text}. What to try: {WHAT_TO_TRY}." for text in warnings)
     return {**results, "summary": summary, "generations": list(zip(prompts, base_answers, tuned_answers))}

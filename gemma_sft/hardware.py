@@ -8,9 +8,9 @@ MISSION = "recipes/gemma3_belle.yaml"
 LOW_MEMORY = "recipes/gemma3_belle_low_memory.yaml"
 DEMO = "recipes/gemma3_270m_belle_demo.yaml"
 SINGLE_GPU = "accelerate_configs/single_gpu.yaml"
-# The mission recipe reserves 18.5 GiB at its peak (H200, bench run 28); with the CUDA context that fits a 24 GB card
-# (22-23.6 GiB usable) but not a 20 GB one, so cards under 22 GiB get the low-memory recipe.
-MISSION_MIN_GIB = 22
+# The mission recipe reserves about 11 GiB at its peak (docs/PERFORMANCE.md); with the CUDA context and some margin
+# that fits a 16 GB card (14.5-15.6 GiB usable) but not a 12 GB one, so smaller cards get the low-memory recipe.
+MISSION_MIN_GIB = 14
 
 
 def default_recipe(has_cuda: bool, gpu_gib: float = 0.0) -> str:
@@ -28,12 +28,26 @@ def train_command(recipe: str | None, has_cuda: bool, gpu_gib: float = 0.0) -> l
     return [sys.executable, "sft.py", recipe]
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """`python -m gemma_sft.hardware [RECIPE]` trains with the chosen recipe and returns its exit status;
+    `--print` only prints the command."""
+    import subprocess
+
     import torch
 
+    only_print = "--print" in argv
+    argv = [arg for arg in argv if arg != "--print"]
     cuda = torch.cuda.is_available()
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
-    chosen = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None
+    chosen = argv[0] if argv and argv[0] else None
     reason = f"a CUDA GPU with {gib:.0f} GiB" if cuda else "no CUDA GPU found: training on CPU"
-    print(f"make train: {chosen or default_recipe(cuda, gib)} ({reason})", file=sys.stderr)
-    print(shlex.join(train_command(chosen, cuda, gib)))
+    print(f"make train: {chosen or default_recipe(cuda, gib)} ({reason})", file=sys.stderr, flush=True)
+    command = train_command(chosen, cuda, gib)
+    if only_print:
+        print(shlex.join(command))
+        return 0
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
