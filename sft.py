@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {**result.metrics, "trainable_parameters": trainable, **stats_for_metrics(stats)}
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    if prepared.eval:
+    # The report below scores the held-out rows for base and adapter; a final evaluation by the Trainer would only
+    # repeat the adapter's half of it (minutes on a CPU), so it runs only where no report follows.
+    reporting = prepared.eval and data_args.eval_report and trainer.accelerator.num_processes == 1
+    if prepared.eval and not reporting:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -88,13 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     ################
     # Report: base vs adapter on the held-out rows (one process; sharded runs use evaluate.py afterwards)
     ################
-    if prepared.eval and data_args.eval_report and trainer.accelerator.num_processes == 1:
+    if reporting:
         from gemma_sft import evaluation
 
         report = evaluation.compare(
             trainer.model, tokenizer, prepared.eval_messages, training_args.output_dir,
             categories=prepared.eval_categories,
         )  # fmt: skip
+        base, tuned = report["base"], report["adapter"]
+        eval_metrics = {"eval_loss": tuned["loss"], "eval_base_loss": base["loss"], "eval_rows": tuned["rows"]}
+        trainer.save_metrics("eval", eval_metrics)
         print(report["summary"])
     elif prepared.eval and data_args.eval_report and trainer.is_world_process_zero():
         print(f"Next: python evaluate.py --adapter {training_args.output_dir}")

@@ -58,7 +58,7 @@ ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_step
 # name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
 SETUPS = {
     "ours": (
-        "gemma3_belle.yaml as shipped: one packed row of 32,768 tokens per step (padded to that one shape), "
+        "gemma3_belle.yaml as shipped: one packed row of 16,384 tokens per step (padded to that one shape), "
         "flex_attention, liger, fused QLoRA, checkpointing with the MLP outputs kept",
         MISSION,
         [],
@@ -71,7 +71,7 @@ SETUPS = {
         None,
     ),
     "ours_16k": (
-        "as shipped, with one packed row of 16,384 tokens per step (padded to that one shape)",
+        "as shipped (since 2026-12-01 the recipe's own rows are 16,384 tokens; the name is kept for its results)",
         MISSION,
         ["--max_length", "16384", "--pad_to_multiple_of", "16384"],
         None,

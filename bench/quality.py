@@ -102,6 +102,8 @@ def run_one(name: str, args, started: float) -> dict:
     held_out, categories = prepared.eval_messages, prepared.eval_categories
     prepared.eval = []  # measured here, not by the Trainer
     evals_per_epoch = args.evals_per_epoch
+    partial = partial_curve(args.work, name)
+    partial.parent.mkdir(parents=True, exist_ok=True)
 
     class HeldOutCurve(TrainerCallback):
         """Held-out answer loss before the first step and `evals_per_epoch` times per epoch; the time measuring
@@ -123,6 +125,7 @@ def run_one(name: str, args, started: float) -> dict:
                 "categories": {k: round(v, 5) for k, v in evaluation.by_category(result, categories).items()},
             })  # fmt: skip
             print(f"{name}: step {state.global_step}, {wall:.0f} s, held-out loss {result['loss']:.4f}", flush=True)
+            partial.write_text(json.dumps(self.points, ensure_ascii=False), encoding="utf-8")  # kept if cut short
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             epochs = max(1, math.ceil(training_args.num_train_epochs))
@@ -160,6 +163,11 @@ def run_one(name: str, args, started: float) -> dict:
         "final_categories": last["categories"],
         "curve": curve.points,
     }
+
+
+def partial_curve(work: str, name: str) -> Path:
+    """Where a set-up's measurements so far are kept, for a run cut short."""
+    return Path(work) / f"{name}.curve.json"
 
 
 def _card() -> str:
@@ -262,23 +270,34 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    passed = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--only")]
-    passed = [a for a in passed if a not in (args.only or [])]
+    passed = ["--model_path", args.model_path, "--train", args.train, "--eval", args.eval,
+              "--max_samples", str(args.max_samples), "--eval_samples", str(args.eval_samples),
+              "--evals_per_epoch", str(args.evals_per_epoch), "--max_steps", str(args.max_steps),
+              "--work", args.work, *(["--cpu"] if args.cpu else []), *args.flags]  # fmt: skip
     results = []
     for name in args.only or list(SETUPS):
         print(f"== {name}: {SETUPS[name][0]}", flush=True)
         started = time.time()
         command = [sys.executable, __file__, *passed, "--run", name, "--started", repr(started)]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        log = out / f"{name}.log"
+        found = None
+        with open(log, "w", encoding="utf-8") as stderr:  # progress lines are shown as they come
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT)
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    found = json.loads(line[7:])
+                else:
+                    print(line, end="", flush=True)
+            proc.wait()
         if found:
-            results.append(json.loads(found[-1][7:]))
+            results.append(found)
         else:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            results.append({"setup": name, "error": tail})
-            (out / f"{name}.stderr.txt").write_text(proc.stderr[-20000:], encoding="utf-8")
-            print(proc.stderr[-3000:], file=sys.stderr)
+            tail = (log.read_text(encoding="utf-8").strip().splitlines() or ["no output"])[-1]
+            cut = partial_curve(args.work, name)
+            results.append({"setup": name, "error": tail,
+                            "partial_curve": json.loads(cut.read_text()) if cut.is_file() else []})  # fmt: skip
+            print(tail, file=sys.stderr)
         compare(results)
         (out / "quality.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(table(results[-1:]).splitlines()[-1], flush=True)

@@ -198,6 +198,11 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
     if "include_num_input_tokens_seen" in resolved:  # transformers turns true/false into "all"/"no", which its own
         resolved["include_num_input_tokens_seen"] = resolved["include_num_input_tokens_seen"] != "no"  # parser refuses
 
+    # A recipe's held-out file belongs to the recipe's data: other data given on the command line (without an
+    # eval_dataset_name of its own) has its held-out rows split off itself.
+    if data_args.eval_dataset_name and "dataset_name" in flags and "eval_dataset_name" not in flags:
+        data_args.eval_dataset_name = resolved["eval_dataset_name"] = None
+
     # A packed recipe's row shape (pad_to_multiple_of 16,384) and flex_attention are for packed rows. With packing
     # off they would pad each ~300-token sample to the whole row and compile attention again for each new length, so
     # unless given on the command line, unpacked batches are padded to a multiple of UNPACKED_PAD and use sdpa.

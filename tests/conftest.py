@@ -153,6 +153,7 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
     out = folder / "adapter"
     flags = list(TINY_RECIPE_FLAGS)
     flags[flags.index("--eval_samples") + 1] = "6"
+    flags[flags.index("--eval_strategy") + 1] = "epoch"  # TRL's own evaluation too, to check the report against
     args = ["recipes/gemma3_270m_belle_demo.yaml", "--model_path", str(tiny_model_dir), "--data_path", str(data),
             "--output_dir", str(out), "--num_train_epochs", "3", *flags]  # fmt: skip
     assert sft_main(args) == 0

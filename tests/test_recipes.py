@@ -182,3 +182,13 @@ def test_make_train_passes_the_launchers_failure_on():
 
     result = subprocess.run(["make", "-s", "train", "PY=/bin/false"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "Nothing to be done" not in result.stdout + result.stderr
+
+
+def test_a_recipes_held_out_file_goes_with_the_recipes_data():
+    demo = "recipes/gemma3_270m_belle_demo.yaml"
+    data_args, _, _, resolved = config.parse([demo, "--dry_run"])
+    assert data_args.eval_dataset_name == resolved["eval_dataset_name"] == "data/belle_eval_zh.jsonl"
+    data_args, _, _, resolved = config.parse([demo, "--data_path", "mine.jsonl", "--dry_run"])
+    assert data_args.eval_dataset_name is None and resolved["eval_dataset_name"] is None  # split off mine.jsonl
+    data_args, _, _, _ = config.parse([demo, "--data_path", "m.jsonl", "--eval_dataset_name", "e.jsonl", "--dry_run"])
+    assert data_args.eval_dataset_name == "e.jsonl"

@@ -14,10 +14,13 @@ PROMPT = "<bos><start_of_turn>user\n计算 4 加 9 等于多少？<end_of_turn>\
 
 def test_training_writes_a_report_whose_loss_matches_the_trainer(tiny_adapter):
     report = json.loads((tiny_adapter / "eval_report.json").read_text())
-    trainer_eval = json.loads((tiny_adapter / "eval_results.json").read_text())["eval_loss"]
+    history = json.loads((tiny_adapter / "trainer_state.json").read_text())["log_history"]
+    trainer_eval = [h["eval_loss"] for h in history if "eval_loss" in h][-1]  # TRL's, after the last epoch
     assert report["adapter"]["rows"] == 6
     # our pooled answer-token loss and TRL's evaluation loss are the same quantity, computed independently
     assert report["adapter"]["loss"] == pytest.approx(trainer_eval, rel=1e-3)
+    saved = json.loads((tiny_adapter / "eval_results.json").read_text())  # the report's figures, not a third pass
+    assert saved["eval_loss"] == report["adapter"]["loss"] and saved["eval_base_loss"] == report["base"]["loss"]
     assert report["adapter"]["loss"] < report["base"]["loss"]
     text = (tiny_adapter / "report.md").read_text()
     assert "| base + adapter |" in text and "## Greedy generations" in text and "loss_curve.png" in text
