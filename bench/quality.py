@@ -128,7 +128,7 @@ def run_one(name: str, args, started: float) -> dict:
             partial.write_text(json.dumps(self.points, ensure_ascii=False), encoding="utf-8")  # kept if cut short
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            epochs = max(1, math.ceil(training_args.num_train_epochs))
+            epochs = max(1, math.ceil(state.num_train_epochs))  # fewer when max_steps cuts the run short
             count = epochs * evals_per_epoch
             self.at_steps = {max(1, round(state.max_steps * k / count)) for k in range(1, count + 1)}
             self.measure(model, state)

@@ -19,27 +19,39 @@ def conversations_with_categories():
 
 
 def spoiled(adapter_dir, tmp_path, noise):
-    """The tiny adapter with random LoRA B matrices of standard deviation `noise` (0: the base model itself)."""
+    """A copy of the tiny adapter, its LoRA B matrices random with standard deviation `noise` (0: the base model
+    itself; None: as trained)."""
     copy = tmp_path / f"adapter-{noise}"
     shutil.copytree(adapter_dir, copy)
     model, tokenizer, _ = load_for_inference(copy)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, noise) if noise else parameter.zero_()
+    if noise is not None:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0.0, noise) if noise else parameter.zero_()
     return model, tokenizer, copy
 
 
-def test_a_worse_adapter_is_reported_overall_and_per_category(tiny_adapter, tmp_path, capsys):
-    model, tokenizer, folder = spoiled(tiny_adapter, tmp_path, 30.0)
+def test_a_worse_adapter_is_reported_overall_and_per_category(tiny_adapter, tmp_path, monkeypatch):
+    """A random tiny model is near-uniform with or without an adapter, so the losses are given here: the base's
+    first, then the adapter's, worse on both categories (answer_loss itself is checked in test_tools)."""
+    model, tokenizer, folder = spoiled(tiny_adapter, tmp_path, None)
     messages, categories = conversations_with_categories()
+    per_row = iter([[(3.0, 3)] * 6, [(4.5, 3)] * 3 + [(3.3, 3)] * 3])  # base 1.0 per token; adapter 1.5 and 1.1
+
+    def given_losses(model, tokenizer, conversations, max_positions=1024):
+        rows = next(per_row)
+        loss = sum(r for r, _ in rows) / sum(t for _, t in rows)
+        return {"loss": loss, "perplexity": 1.0, "tokens": 18, "rows": len(rows), "per_row": rows}
+
+    monkeypatch.setattr(evaluation, "answer_loss", given_losses)
     result = evaluation.compare(model, tokenizer, messages, folder, num_prompts=0, categories=categories)
-    assert result["adapter"]["loss"] > result["base"]["loss"]
     report = (folder / "report.md").read_text()
-    assert "**Warning: the adapter is worse than the base model on the held-out rows" in report
-    assert "on 2 categories: code (" in report and "What to try: try a lower learning_rate" in report
-    assert "| math | 3 |" in report and "| code | 3 |" in report
+    assert "**Warning: the adapter is worse than the base model on the held-out rows (1.0000 -> 1.3000)" in report
+    assert "on 2 categories: code (1.0000 -> 1.1000), math (1.0000 -> 1.5000)" in report
+    assert "What to try: try a lower learning_rate" in report
+    assert "| math | 3 | 1.0000 | 1.5000 | +50.0% |" in report and "| code | 3 | 1.0000 | 1.1000 | +10.0% |" in report
     assert "WARNING: the adapter is worse than the base model" in result["summary"]
     saved = json.loads((folder / "eval_report.json").read_text())
     assert set(saved["categories"]) == {"math", "code"} and len(saved["warnings"]) == 2
