@@ -3,14 +3,15 @@
     python merge.py --adapter outputs/gemma3-4b-belle-qlora --output outputs/gemma3-4b-belle-merged
 
 The base is loaded in bf16, never 4-bit: merging into quantized weights is lossy. The output gets the tokenizer with
-our chat template and <end_of_turn> as a stop token, and is written to a temporary folder first, then renamed.
+our chat template and <end_of_turn> as a stop token, and is written under a temporary name first, then renamed (an
+existing --output is replaced only once the new one is whole).
 """
 
 import argparse
-import shutil
 from pathlib import Path
 
 from gemma_sft import UserError, run
+from gemma_sft.publish import publish_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,17 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     merged.generation_config.eos_token_id = modeling.stop_token_ids(tokenizer)
 
-    staging = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"{output}: could not write the merged model ({exc.strerror or exc})") from None
+    def write(folder):
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    publish_dir(write, output, replace=True)
     print(f"Merged model saved to {output} ({args.dtype}); load it with AutoModelForCausalLM.from_pretrained")
     return 0
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "bench" / "gemma-3-4b-it.config.json"
 MISSION = str(ROOT / "recipes" / "gemma3_belle.yaml")
-# 8,192-token rows x accumulation 4: the mission recipe until run 14
+# the same job as the mission recipe in rows of 8,192 tokens (for cards under 14 GiB)
 LOW_MEMORY = str(ROOT / "recipes" / "gemma3_belle_low_memory.yaml")
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM parts
 MISSION_ROWS, MISSION_EPOCHS = 2000, 3
@@ -51,7 +51,7 @@ NO_FUSED = ["--fused_qlora", "false"]
 GC_EVERY_2 = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
 BF16_STORAGE = ["--bnb_4bit_quant_storage", "bfloat16"]  # FSDP shards only floating-point tensors
 NO_DROPOUT = ["--lora_dropout", "0"]
-FAST = [*NO_DROPOUT, *GC_EVERY_2]  # gemma3_belle_fast.yaml until run 14: 8k rows, no dropout, every 2nd layer
+FAST = [*NO_DROPOUT, *GC_EVERY_2]  # a speed-first variant: no dropout, checkpointing every 2nd layer
 ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # the same tokens per optimizer step
 ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "2"]
 
@@ -71,27 +71,32 @@ SETUPS = {
         None,
     ),
     "ours_16k": (
-        "as shipped (since 2026-12-01 the recipe's own rows are 16,384 tokens; the name is kept for its results)",
+        "as shipped: one packed row of 16,384 tokens per step (the name is kept for its results)",
         MISSION,
         ["--max_length", "16384", "--pad_to_multiple_of", "16384"],
         None,
     ),
     "ours_plain_attention": (
-        "as shipped, without the attention changes of run 25 (q/k norms through the stored layout, flex_attention "
-        "backward with 8 warps)",
+        "as shipped, without the attention speed-ups (q/k norms through the stored layout, flex_attention backward "
+        "with 8 warps)",
         MISSION,
-        [],
+        ["--qk_norm_in_stored_layout", "false", "--tuned_flex_attention", "false"],
         None,
     ),
     "ours_trl_head": (
-        "as shipped, with TRL's own chunked output head (the logits projected again in the backward pass, as before "
-        "run 27)",
+        "as shipped, with TRL's own chunked output head (the logits projected again in the backward pass)",
         MISSION,
-        [],
+        ["--fused_output_head", "false"],
+        None,
+    ),
+    "ours_trl_packing": (
+        "as shipped, packed by TRL in batches of 1,000 samples (one part-filled row per batch)",
+        MISSION,
+        ["--pack_in_one_pass", "false"],
         None,
     ),
     "ours_recompute_mlp": (
-        "as shipped, the MLP outputs recomputed too (keep_mlp_outputs false; full checkpointing as before run 23)",
+        "as shipped, the MLP outputs recomputed too (keep_mlp_outputs false: full checkpointing)",
         MISSION,
         ["--keep_mlp_outputs", "false"],
         None,
@@ -99,14 +104,14 @@ SETUPS = {
     "ours_peft": ("as shipped, with PEFT's own QLoRA layers (fused_qlora false)", MISSION, NO_FUSED, None),
     "nodrop": ("as shipped, lora_dropout 0", MISSION, NO_DROPOUT, None),
     "ours_dropout_copy": (
-        "as shipped, LoRA dropout by PEFT's module (a dropped copy of x) as before run 19",
+        "as shipped, LoRA dropout by PEFT's module (a dropped copy of x)",
         MISSION,
-        [],
+        ["--lora_dropout_in_kernels", "false"],
         None,
     ),
     "ours_compile": ("as shipped + torch.compile of each decoder layer", MISSION, COMPILE, None),
     "low_memory": (
-        "gemma3_belle_low_memory.yaml: packed rows of 8,192 tokens x accumulation 4 (the mission recipe until run 14)",
+        "gemma3_belle_low_memory.yaml as shipped: packed rows of 8,192 tokens x accumulation 2",
         LOW_MEMORY,
         [],
         None,
@@ -123,7 +128,7 @@ SETUPS = {
         ["--max_length", "16384", "--gradient_accumulation_steps", "2", "--pad_to_multiple_of", "16384"],
         None,
     ),
-    # The lever sweeps of runs 1-14, on 8,192-token rows (the low-memory recipe; the mission recipe back then).
+    # Single levers on 8,192-token rows (the low-memory recipe), each against the others.
     "original": (
         "original tool: batch 1 x accumulation 4, no packing, grad checkpointing, sdpa",
         LOW_MEMORY,
@@ -162,7 +167,7 @@ SETUPS = {
         None,
     ),
     "fast": (
-        "8k rows, lora_dropout 0, checkpointing every 2nd layer (gemma3_belle_fast.yaml until run 14)",
+        "8k rows, lora_dropout 0, checkpointing every 2nd layer",
         LOW_MEMORY,
         FAST,
         None,
@@ -176,7 +181,7 @@ SETUPS = {
     ),
     "ours_32k": ("low-memory recipe with rows of 32,768 x accumulation 1 (not padded)", LOW_MEMORY, ROWS_32K, None),
     "ours_32k_static": (
-        "low-memory recipe with rows of 32,768 x accumulation 1, padded to 32,768 (today's gemma3_belle.yaml)",
+        "low-memory recipe with rows of 32,768 x accumulation 1, padded to 32,768",
         LOW_MEMORY,
         [*ROWS_32K, "--pad_to_multiple_of", "32768"],
         None,
@@ -304,18 +309,19 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     import torch
     from transformers import TrainerCallback
 
-    from gemma_sft import attention, config, data, fused_qlora, modeling, output_head
-    from sft import build_trainer
+    from gemma_sft import config, data, modeling
+    from gemma_sft.trainer import build_trainer
 
     started = time.time()
     profile_to = os.environ.get("BENCH_PROFILE_DIR")  # the last step's profile (GPU kernels, host side) goes there
     _, recipe, flags, _ = SETUPS[name]
-    data_args, training_args, model_args, resolved = config.parse(
+    parsed = config.parse(
         [recipe, *flags, "--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file),
          "--output_dir", f"/tmp/bench-{name}", "--max_steps", str(steps), "--report_to", "none",
          "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "1", "--eval_samples", "1",
          "--overwrite_output_dir", "true"]
     )  # fmt: skip
+    training_args, model_args, resolved = parsed.training, parsed.model, parsed.resolved
     training_args.include_num_input_tokens_seen = "non_padding"
     tokenizer = modeling.load_tokenizer(str(checkpoint), training_args.chat_template_path)
     prepared = data.prepare_from_settings(resolved, tokenizer)
@@ -374,16 +380,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
                 self.losses.append(round(float(logs["loss"]), 4))
 
     timer = Timer()
-    fused_qlora.dropout_in_kernels = name != "ours_dropout_copy"
-    if name == "ours_plain_attention":  # this process only: Gemma 3's attention as transformers and Liger run it
-        attention.tune_flex_attention = lambda: None
-        attention.NormHeadsInStoredLayout.on_train_begin = lambda *args, **kwargs: None
-    if name == "ours_trl_head":  # this process only: SFTTrainer's loss through TRL's own chunked head
-        output_head.install = lambda: None
     torch.cuda.reset_peak_memory_stats()  # reserved memory's peak as well
-    trainer = build_trainer(
-        training_args, model_args, prepared, tokenizer, [timer], data_args.fused_qlora, data_args.keep_mlp_outputs
-    )
+    trainer = build_trainer(training_args, model_args, prepared, tokenizer, parsed.speed, [timer])
     trainer.train()
     processes = trainer.accelerator.num_processes
     if not trainer.is_world_process_zero():

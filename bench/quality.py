@@ -92,9 +92,10 @@ def run_one(name: str, args, started: float) -> dict:
     from transformers import TrainerCallback
 
     from gemma_sft import config, data, evaluation, modeling
-    from sft import build_trainer
+    from gemma_sft.trainer import build_trainer
 
-    data_args, training_args, model_args, resolved = config.parse(setup_args(name, args))
+    recipe = config.parse(setup_args(name, args))
+    training_args, model_args, resolved = recipe.training, recipe.model, recipe.resolved
     tokenizer = modeling.load_tokenizer(
         modeling.resolve_tokenizer(model_args.model_name_or_path), training_args.chat_template_path
     )
@@ -139,9 +140,7 @@ def run_one(name: str, args, started: float) -> dict:
                 self.measure(model, state)
 
     curve = HeldOutCurve()
-    trainer = build_trainer(
-        training_args, model_args, prepared, tokenizer, [curve], data_args.fused_qlora, data_args.keep_mlp_outputs
-    )
+    trainer = build_trainer(training_args, model_args, prepared, tokenizer, recipe.speed, [curve])
     trainer.train()
     last = curve.points[-1]
     return {

@@ -18,6 +18,16 @@ class UserError(Exception):
     """A mistake in the user's recipe, flags or data: printed as one line, exit status 2, no traceback."""
 
 
+def hub_error(what: str, name: str, exc: Exception, local: str, download: str) -> UserError:
+    """Something could not be fetched from the Hugging Face Hub: one line with the reason and what to do offline."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return UserError(
+        f"{what} '{name}': could not load it ({reason}). Offline? Download it on a connected machine (`{download}`) "
+        f"and set {local}; in mainland China set HF_ENDPOINT to a Hub mirror; gated Gemma models also need "
+        "`hf auth login`."
+    )
+
+
 def run(main, on_interrupt: str = "interrupted", on_out_of_memory: str = OUT_OF_MEMORY) -> None:
     """Run an entry script's main(): a user mistake prints one line and exits 2, running out of GPU memory prints one
     line with what to change and exits 1, Ctrl-C exits 130."""

@@ -8,9 +8,6 @@
   on H100/H200 (bench/flex_probe.py).
 """
 
-import torch
-from transformers import TrainerCallback
-
 FLEX_BACKWARD_OPTIONS = {(9, 0): {256: {"bwd_num_warps": 8}}}  # compute capability -> head_dim -> kernel options
 
 
@@ -19,22 +16,9 @@ def flex_kernel_options(capability: tuple[int, int], head_dim: int) -> dict | No
     return FLEX_BACKWARD_OPTIONS.get(capability, {}).get(head_dim)
 
 
-def tune_flex_attention() -> None:
-    """Route transformers' flex_attention through `flex_kernel_options`; idempotent, and calls that bring their own
-    kernel options keep them."""
-    from transformers.integrations.flex_attention import flex_attention_forward
-    from transformers.modeling_utils import AttentionInterface
+def in_stored_layout(norm_forward):
+    """A norm forward that normalises a transposed (batch, heads, tokens, head_dim) view through its stored layout."""
 
-    def tuned(module, query, key, value, attention_mask, **kwargs):
-        if query.is_cuda and kwargs.get("kernel_options") is None:
-            options = flex_kernel_options(torch.cuda.get_device_capability(query.device), query.shape[-1])
-            kwargs = {**kwargs, "kernel_options": options} if options else kwargs
-        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("flex_attention", tuned)
-
-
-def _in_stored_layout(norm_forward):
     def forward(x):
         if x.dim() == 4 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
             return norm_forward(x.transpose(1, 2)).transpose(1, 2)
@@ -42,24 +26,3 @@ def _in_stored_layout(norm_forward):
 
     forward.in_stored_layout = True
     return forward
-
-
-def norm_heads_in_stored_layout(model) -> int:
-    """Make the query/key norms of `model`'s attention layers act on their input's stored layout; returns how many
-    norms. Call after Liger has patched the norms (the Trainer does that when training starts)."""
-    norms = 0
-    for module in model.modules():
-        for name in ("q_norm", "k_norm"):
-            norm = getattr(module, name, None)
-            if isinstance(norm, torch.nn.Module) and hasattr(module, "o_proj"):
-                if not getattr(norm.forward, "in_stored_layout", False):
-                    norm.forward = _in_stored_layout(norm.forward)
-                norms += 1
-    return norms
-
-
-class NormHeadsInStoredLayout(TrainerCallback):
-    """Applies `norm_heads_in_stored_layout` once the Trainer has applied Liger's kernels (as training starts)."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        norm_heads_in_stored_layout(model)

@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
@@ -25,7 +26,7 @@ FLAG_ALIASES = {
 
 @dataclass
 class DataArguments(ScriptArguments):
-    """TRL's script arguments plus how to sample, filter and check the data, and our own training switches."""
+    """TRL's script arguments plus how to sample, filter and hold out the data."""
 
     max_samples: int = field(default=2000, metadata={"help": "Training rows drawn at random with `seed`; 0 = all."})
     eval_samples: int = field(default=100, metadata={"help": "Held-out rows, disjoint from the training rows."})
@@ -43,6 +44,12 @@ class DataArguments(ScriptArguments):
         default=True,
         metadata={"help": "Skip (and count) rows longer than max_length rather than cut off their answer."},
     )
+
+
+@dataclass
+class RunArguments:
+    """What a run of sft.py does besides training."""
+
     eval_report: bool = field(
         default=True,
         metadata={"help": "After training, compare base and adapter on the held-out rows (output_dir/report.md)."},
@@ -53,25 +60,70 @@ class DataArguments(ScriptArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow replacing a finished adapter already in output_dir."}
     )
+
+
+@dataclass
+class SpeedArguments:
+    """Switches for the speed-ups that replace part of another library (gemma_sft/speedups.py, one entry each).
+    Each keeps the arithmetic; turn one off to compare, or if a library upgrade moved what it replaces."""
+
     fused_qlora: bool = field(
         default=True,
         metadata={
             "help": "Train each 4-bit LoRA layer as one autograd function instead of PEFT's chain of small kernels "
-            "(faster, same arithmetic; gemma_sft/fused_qlora.py); on a GPU its LoRA dropout is drawn inside the "
-            "kernels (same distribution as PEFT's, its own random stream). Not under FSDP or DeepSpeed ZeRO-3."
+            "(gemma_sft/fused_qlora.py). Not under FSDP or DeepSpeed ZeRO-3."
+        },
+    )
+    lora_dropout_in_kernels: bool = field(
+        default=True,
+        metadata={
+            "help": "With fused_qlora on a GPU, draw LoRA dropout inside the adapter's kernels (same distribution as "
+            "PEFT's, its own random stream) instead of making a dropped copy of the input."
         },
     )
     keep_mlp_outputs: bool = field(
         default=True,
         metadata={
-            "help": "With gradient checkpointing and fused QLoRA layers, keep each decoder layer's MLP output (its "
-            "down projection) instead of recomputing it in the backward pass: faster, for 2 bytes x hidden size per "
-            "token per layer (~2.5 GiB for gemma-3-4b-it at 16,384 tokens per row). Not with torch_compile."
+            "help": "With gradient checkpointing and fused_qlora, keep each decoder layer's MLP output (its down "
+            "projection) instead of recomputing it in the backward pass: faster, for 2 bytes x hidden size per token "
+            "per layer. Not with torch_compile."
         },
+    )
+    fused_output_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the output head's gradient in its forward pass instead of projecting onto the "
+            "vocabulary again in the backward pass (gemma_sft/output_head.py)."
+        },
+    )
+    pack_in_one_pass: bool = field(
+        default=True,
+        metadata={"help": "Pack the whole dataset at once (one part-filled row) instead of in batches of 1,000."},
+    )
+    tuned_flex_attention: bool = field(
+        default=True,
+        metadata={"help": "flex_attention with the kernel options measured faster on this card (attention.py)."},
+    )
+    qk_norm_in_stored_layout: bool = field(
+        default=True,
+        metadata={"help": "Apply the query/key norms in the projection's stored layout, skipping two copies."},
+    )
+    fsdp_checkpoint_fixes: bool = field(
+        default=True,
+        metadata={"help": "Under FSDP: make checkpoints hold and restore the adapter and the optimizer's state."},
     )
 
 
-DATACLASSES = (DataArguments, SFTConfig, ModelConfig)
+class Recipe(NamedTuple):
+    data: DataArguments
+    training: SFTConfig
+    model: ModelConfig
+    resolved: dict  # the recipe's keys, the sampling keys and the flags given, with their final values
+    run: RunArguments
+    speed: SpeedArguments
+
+
+DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments, SpeedArguments)
 # Always written to the resolved recipe, so the held-out rows can be drawn again (evaluate.py) from it alone.
 SAMPLING_KEYS = (
     "dataset_name", "dataset_config", "dataset_train_split", "max_samples", "eval_samples", "max_length", "seed",
@@ -147,8 +199,8 @@ def _check_value_types(parser: RecipeParser, recipe: dict, path: str) -> None:
             raise UserError(f"{path}: field '{key}': {value!r} is not one of {list(action.choices)}")
 
 
-def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, ModelConfig, dict]:
-    """Parse `RECIPE.yaml [--field value ...]`; returns the three argument objects and the explicitly set values."""
+def parse(argv: list[str] | None = None) -> Recipe:
+    """Parse `RECIPE.yaml [--field value ...]` into the argument objects and the explicitly set values."""
     argv = rewrite_aliases(list(sys.argv[1:] if argv is None else argv))
     recipe_path = None
     if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
@@ -168,7 +220,7 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
     _check_value_types(parser, recipe, recipe_path)
     parser.set_defaults_with_config(**recipe)
     try:
-        data_args, training_args, model_args, unknown = parser.parse_args_into_dataclasses(
+        data_args, training_args, model_args, run_args, speed_args, unknown = parser.parse_args_into_dataclasses(
             argv, return_remaining_strings=True
         )
     except ValueError as exc:
@@ -176,10 +228,10 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
         if "bf16" not in str(exc):
             raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
         # A dry run never trains, so it may check a GPU recipe's data on a laptop.
-        data_args, training_args, model_args, unknown = parser.parse_args_into_dataclasses(
+        data_args, training_args, model_args, run_args, speed_args, unknown = parser.parse_args_into_dataclasses(
             [*argv, "--bf16", "false"], return_remaining_strings=True
         )
-        if not data_args.dry_run and not unknown:  # an unknown flag is the clearer error
+        if not run_args.dry_run and not unknown:  # an unknown flag is the clearer error
             raise UserError(
                 f"{where}: bf16 needs a GPU that supports it and none was found; on CPU use "
                 "recipes/gemma3_270m_belle_demo.yaml, or pass --bf16 false --dtype float32 --load_in_4bit false"
@@ -192,7 +244,7 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
 
     # the recipe's keys, then the flags given, with their final values (flags win)
     flags = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--")]
-    owners = {key: obj for obj in (model_args, training_args, data_args) for key in vars(obj)}
+    owners = {key: obj for obj in (model_args, training_args, data_args, run_args, speed_args) for key in vars(obj)}
     keys = dict.fromkeys([*recipe, *SAMPLING_KEYS, *flags])
     resolved = {key: _plain(getattr(owners[key], key)) for key in keys if key in owners}
     if "include_num_input_tokens_seen" in resolved:  # transformers turns true/false into "all"/"no", which its own
@@ -216,7 +268,7 @@ def parse(argv: list[str] | None = None) -> tuple[DataArguments, SFTConfig, Mode
     # this field as a bool, so a recipe cannot ask for "non_padding" by name.)
     if training_args.include_num_input_tokens_seen == "all" and training_args.pad_to_multiple_of:
         training_args.include_num_input_tokens_seen = "non_padding"
-    return data_args, training_args, model_args, resolved
+    return Recipe(data_args, training_args, model_args, resolved, run_args, speed_args)
 
 
 def _plain(value):

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemma_sft import UserError
+from gemma_sft import UserError, hub_error
 
 LOCAL_SUFFIXES = (".json", ".jsonl")
 FORMATS = {
@@ -137,12 +137,10 @@ def read_hub(name: str, config: str | None, split: str) -> list[Record]:
 
         dataset = load_dataset(name, name=config, split=split)
     except Exception as exc:  # offline, missing, gated, bad config...: all mean "could not fetch"; say so in one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"dataset '{name}': could not load it from the Hugging Face Hub ({reason[:200]}). "
-            "Offline? Download it on a connected machine and set dataset_name (or --data_path) to the local "
-            ".json/.jsonl file; in mainland China set HF_ENDPOINT to a Hub mirror."
-        ) from None
+        raise hub_error(
+            "dataset", name, exc, "dataset_name (or --data_path) to the local .json/.jsonl file",
+            f"hf download --repo-type dataset {name}",
+        ) from None  # fmt: skip
     return [Record(f"{name} row {index}", row) for index, row in enumerate(dataset)]
 
 
@@ -283,6 +281,22 @@ def tokenize(tokenizer, messages: list[dict]) -> dict:
     return {"input_ids": list(encoded["input_ids"]), "assistant_masks": list(encoded["assistant_masks"])}
 
 
+TOKENIZE_BATCH = 256  # conversations rendered and tokenized per call: the fast tokenizer encodes a batch at once
+
+
+def tokenize_many(tokenizer, conversations: list[list[dict]]) -> list[dict]:
+    """`tokenize` for several conversations in one call (the same ids and masks, a few times faster)."""
+    if not conversations:
+        return []
+    encoded = tokenizer.apply_chat_template(
+        conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return [
+        {"input_ids": list(ids), "assistant_masks": list(mask)}
+        for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"])
+    ]
+
+
 def load_records(source: str, config: str | None = None, split: str = "train") -> list[Record]:
     if not source:
         raise UserError("no data: set dataset_name in the recipe or pass --data_path FILE")
@@ -321,16 +335,21 @@ def prepare(
     random.Random(seed).shuffle(order)
     wanted = eval_samples + max_samples if max_samples else None
     kept_ids, kept_messages, kept_categories = [], [], []
-    for index in order:
+    # Rows are taken in the shuffled order until enough are kept; they are tokenized a batch ahead, so a few past the
+    # last one kept may be tokenized for nothing, but the rows chosen are the same as one at a time.
+    for start in range(0, len(order), TOKENIZE_BATCH):
         if wanted is not None and len(kept_ids) == wanted:
             break
-        tokens = tokenize(tokenizer, usable[index])
-        if max_length is not None and len(tokens["input_ids"]) > max_length and drop_overlong:
-            skipped[f"longer than max_length={max_length}"] += 1
-            continue
-        kept_ids.append(tokens)
-        kept_messages.append(usable[index])
-        kept_categories.append(categories[index])
+        batch = order[start : start + TOKENIZE_BATCH]
+        for index, tokens in zip(batch, tokenize_many(tokenizer, [usable[i] for i in batch])):
+            if wanted is not None and len(kept_ids) == wanted:
+                break
+            if max_length is not None and len(tokens["input_ids"]) > max_length and drop_overlong:
+                skipped[f"longer than max_length={max_length}"] += 1
+                continue
+            kept_ids.append(tokens)
+            kept_messages.append(usable[index])
+            kept_categories.append(categories[index])
 
     if len(kept_ids) <= eval_samples:
         detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none skipped"
@@ -436,26 +455,3 @@ def summarize(data: PreparedData, tokenizer) -> tuple[str, dict]:
         ]
     )
     return text, stats
-
-
-PACKING_BATCH = 100_000  # samples packed together; one part-filled row per batch
-
-
-def pack_in_large_batches() -> None:
-    """Make TRL's SFTTrainer pack up to PACKING_BATCH samples at a time; idempotent.
-
-    TRL packs through `datasets.map` at its default batch of 1,000 samples, and best-fit packing leaves a part-filled
-    row at the end of each batch: with rows padded to one shape, ~1 step in 8 of the mission recipe is mostly
-    padding. One batch for the whole sample leaves one such row per epoch.
-    """
-    from trl.trainer import sft_trainer
-
-    trl_pack = sft_trainer.pack_dataset
-    if getattr(trl_pack, "trl_pack", None):
-        return
-
-    def pack_dataset(dataset, seq_length, strategy="bfd", map_kwargs=None):
-        return trl_pack(dataset, seq_length, strategy, {**(map_kwargs or {}), "batch_size": PACKING_BATCH})
-
-    pack_dataset.trl_pack = trl_pack
-    sft_trainer.pack_dataset = pack_dataset

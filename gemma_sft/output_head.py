@@ -21,7 +21,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-import trl.trainer.utils as trl_utils
 from trl.kernels import ChunkedLogProbFunction
 
 TILE_BYTES = 1 << 30  # one token chunk's logits over the vocabulary: 2,048 tokens x Gemma 3's 262k in bf16
@@ -177,11 +176,3 @@ class LogProbsWithForwardGradient:
         )
         entropy = entropy if "entropy" in outputs else None
         return log_probs, entropy, None, None, is_top1 if "is_top1" in outputs else None
-
-
-def install() -> None:
-    """Make TRL's fused LM head (SFTTrainer's loss) call `LogProbsWithForwardGradient`; TRL is pinned, and a test
-    fails if the name it calls moves."""
-    if not hasattr(trl_utils, "_ChunkedLogProbFunction"):
-        raise RuntimeError("TRL's head no longer calls _ChunkedLogProbFunction: update gemma_sft/output_head.py")
-    trl_utils._ChunkedLogProbFunction = LogProbsWithForwardGradient

@@ -1,15 +1,14 @@
 """The output directory: never clobber a finished adapter, resume interrupted runs, write the adapter atomically."""
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
 
 import yaml
-from transformers import TrainerCallback
 
 from gemma_sft import UserError
+from gemma_sft.publish import move_files_into
 
 ADAPTER_CONFIG = "adapter_config.json"  # written last: its presence means the adapter is complete
 STAGING = ".adapter-staging"
@@ -75,58 +74,6 @@ def create_output_dir(output_dir: str, overwrite: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-class StopOnNonFiniteLoss(TrainerCallback):
-    """Stop at the first NaN/inf loss or weight, before that step's checkpoint is written."""
-
-    def __init__(self):
-        self.tripped_at: int | None = None
-        self.what = ""
-
-    def _trip(self, state, control, what):
-        self.tripped_at, self.what = state.global_step, what
-        control.should_training_stop = True
-        control.should_save = False
-        control.should_evaluate = False
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        import torch
-
-        sums = [p.detach().float().abs().sum() for p in model.parameters() if p.requires_grad]
-        if sums and not bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all()):
-            self._trip(state, control, "the LoRA weights became NaN/inf")
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
-            value = (logs or {}).get(key)
-            if isinstance(value, float) and not math.isfinite(value):
-                self._trip(state, control, f"the {key.replace('_', ' ')} became {value}")
-        return control
-
-    def raise_if_tripped(self, output_dir: str) -> None:
-        if self.tripped_at is None:
-            return
-        last = last_complete_checkpoint(Path(output_dir))
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
-        raise UserError(
-            f"training stopped at step {self.tripped_at}: {self.what}; {kept}. "
-            "Lower learning_rate or max_grad_norm, check the data, and never train Gemma 3 in fp16"
-        )
-
-
-def _move_into_place(staging: Path, folder: Path) -> None:
-    """Replace the adapter file by file; its config goes first out and last in, so a crash leaves no complete-looking
-    adapter made of mixed files."""
-    (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
-    names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == ADAPTER_CONFIG)
-    for name in names:
-        target = folder / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
-    staging.rmdir()
-
-
 def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
     folder = Path(output_dir)
     staging = folder / STAGING
@@ -143,7 +90,7 @@ def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
                 "# The recipe this adapter was trained with (recipe file and flags resolved).\n" + text,
                 encoding="utf-8",
             )
-            _move_into_place(staging, folder)
+            move_files_into(staging, folder, last=ADAPTER_CONFIG)
     except OSError as exc:
         last = last_complete_checkpoint(folder)
         kept = f"; the last checkpoint is {last}" if last else ""

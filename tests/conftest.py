@@ -57,7 +57,7 @@ def mission_lora(model):
 
     from gemma_sft import config
 
-    _, _, model_args, _ = config.parse(["recipes/gemma3_belle.yaml", "--dry_run"])
+    _, _, model_args, _, *_ = config.parse(["recipes/gemma3_belle.yaml", "--dry_run"])
     return get_peft_model(model, get_peft_config(model_args))
 
 

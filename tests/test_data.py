@@ -118,6 +118,29 @@ def test_skips_are_counted_by_reason_and_sampling_is_seeded_and_disjoint(tmp_pat
     assert everything.skipped == {"empty answer": 1, "longer than max_length=64": 1}
 
 
+@pytest.mark.parametrize("max_samples", [0, 7])
+def test_batched_tokenizing_chooses_and_encodes_the_rows_one_at_a_time_would(tmp_path, tokenizer, monkeypatch,
+                                                                               max_samples):  # fmt: skip
+    """Rows are tokenized a batch ahead of the shuffled order; the rows kept, their ids and masks, and the skips
+    counted are those of tokenizing each row alone (batches of 4 here, so boundaries fall mid-sample)."""
+    long_rows = [{"instruction": "长" * (200 + i), "output": "好"} for i in range(5)]
+    records = data.load_records(str(write_jsonl(tmp_path / "rows.jsonl", belle_rows(23) + long_rows)))
+
+    def draw():
+        return data.prepare(records, "rows", tokenizer, max_samples=max_samples, eval_samples=3, max_length=96, seed=3)
+
+    one_at_a_time = lambda tok, conversations: [data.tokenize(tok, c) for c in conversations]  # noqa: E731
+    monkeypatch.setattr(data, "tokenize_many", one_at_a_time)
+    monkeypatch.setattr(data, "TOKENIZE_BATCH", 1)
+    alone = draw()
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "TOKENIZE_BATCH", 4)
+    batched = draw()
+    assert (batched.train, batched.eval, batched.skipped) == (alone.train, alone.eval, alone.skipped)
+    assert batched.train_messages == alone.train_messages and len(batched.train) == (max_samples or 20)
+    assert sum(sum(row["assistant_masks"]) for row in batched.train) > 0
+
+
 def test_overlong_rows_are_kept_when_dropping_is_off(tmp_path, tokenizer):
     records = data.load_records(
         str(write_jsonl(tmp_path / "r.jsonl", [*belle_rows(3), {"instruction": "长" * 300, "output": "好"}]))

@@ -203,9 +203,9 @@ import transformers.trainer  # resume loads the optimizer through the Trainer's 
 from peft import LoraConfig, get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import Gemma3ForCausalLM
-from gemma_sft import modeling
+from gemma_sft import speedups
 
-modeling.patch_fsdp_checkpoints()
+speedups.enable("fsdp_checkpoint_fixes")
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 PartialState(cpu=True)  # accelerate's helpers log through it
@@ -263,8 +263,8 @@ dist.destroy_process_group()
 def test_fsdp_saves_and_resumes_the_whole_adapter(tmp_path, tiny_model_dir):
     """PEFT 0.21 alone finds no adapter tensor inside FSDP-1's nested units: an empty adapter file, empty checkpoints,
     and a resume that restores nothing; accelerate 1.15 restores no optimizer state into a fresh optimizer. With
-    gemma_sft.modeling.patch_fsdp_checkpoints every LoRA tensor is saved, reloads without FSDP, and comes back from a
-    checkpoint exactly, with the Adam moments: the resumed run continues as if never stopped."""
+    the fsdp_checkpoint_fixes entry of gemma_sft/speedups.py every LoRA tensor is saved, reloads without FSDP, and
+    comes back from a checkpoint exactly, with the Adam moments: the resumed run continues as if never stopped."""
     from accelerate.commands.config.config_args import load_config_from_file
     from peft import PeftModel
     from transformers import Gemma3ForCausalLM

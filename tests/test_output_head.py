@@ -12,7 +12,7 @@ import torch
 import trl.trainer.utils as trl_utils
 from trl.kernels import ChunkedLogProbFunction
 
-from gemma_sft import REPO_ROOT, output_head
+from gemma_sft import REPO_ROOT, output_head, speedups
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ALL_OUTPUTS = ("log_probs", "entropy", "is_top1")
@@ -172,7 +172,7 @@ def test_trl_fused_head_gives_the_same_loss_and_gradients_through_it(monkeypatch
     function = output_head._LogProbsWithForwardGradient
     original_apply = function.apply
     monkeypatch.setattr(function, "apply", lambda *args: calls.append(1) or original_apply(*args))
-    output_head.install()
+    speedups.enable("fused_output_head")
     ours, our_grads = loss_and_gradients()
     assert calls == [1]
     torch.testing.assert_close(ours.loss, theirs.loss)
@@ -187,11 +187,11 @@ def test_build_trainer_installs_it(monkeypatch, tmp_path, tiny_model_dir):
     from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
 
     from gemma_sft import config, data, modeling
-    from sft import build_trainer
+    from gemma_sft.trainer import build_trainer
 
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction)
     rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(8))
-    _, training_args, model_args, resolved = config.parse(
+    _, training_args, model_args, resolved, *_ = config.parse(
         ["recipes/gemma3_270m_belle_demo.yaml", "--model_path", str(tiny_model_dir), "--data_path", str(rows),
          "--output_dir", str(tmp_path / "out"), *TINY_RECIPE_FLAGS]
     )  # fmt: skip

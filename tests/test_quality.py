@@ -44,9 +44,9 @@ def test_every_set_up_names_a_recipe_and_flags_sft_accepts():
             "m", "t.jsonl", "e.jsonl", 0, 0, "/tmp/w", True, 2, [])  # fmt: skip
 
     for name in quality.SETUPS:
-        data_args, training_args, _, _ = config.parse([*quality.setup_args(name, Args), "--dry_run"])
+        data_args, training_args, _, _, *_ = config.parse([*quality.setup_args(name, Args), "--dry_run"])
         assert data_args.eval_dataset_name == "e.jsonl" and training_args.max_steps == 2
-    _, original, _, _ = config.parse([*quality.setup_args("original", Args), "--dry_run"])
+    _, original, _, _, *_ = config.parse([*quality.setup_args("original", Args), "--dry_run"])
     assert not original.packing and original.gradient_accumulation_steps == 4
     assert original.per_device_train_batch_size == 1 and original.learning_rate == 2e-4
 

@@ -20,14 +20,14 @@ def test_there_are_recipes_to_check():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
 def test_every_recipe_parses_with_only_known_keys(recipe, tmp_path):
     config.load_recipe(recipe)  # raises on unknown keys
-    _data_args, training_args, _model_args, resolved = config.parse([str(recipe), "--dry_run"])
+    _data_args, training_args, _model_args, resolved, *_ = config.parse([str(recipe), "--dry_run"])
     assert resolved["output_dir"] == training_args.output_dir
     assert training_args.chat_template_path == "chat_templates/gemma3.jinja"
     assert not training_args.fp16
     # the resolved recipe a run writes (output_dir/recipe.yaml) is itself a recipe that gives the same run
     written = tmp_path / "recipe.yaml"
     written.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    _, again, _, resolved_again = config.parse([str(written), "--dry_run"])
+    _, again, _, resolved_again, *_ = config.parse([str(written), "--dry_run"])
     assert resolved_again == resolved
     assert again.include_num_input_tokens_seen == training_args.include_num_input_tokens_seen
 
@@ -48,13 +48,13 @@ BENCH = load_bench()
 def test_every_benchmark_setup_parses(name):
     """GPU time is scarce: a misspelt flag in a benchmark set-up should fail here, not on the GPU machine."""
     _description, recipe, flags, launcher = BENCH.SETUPS[name]
-    _data_args, training_args, _model_args, _ = config.parse([recipe, *flags, "--dry_run"])
+    _data_args, training_args, _model_args, _, *_ = config.parse([recipe, *flags, "--dry_run"])
     if BENCH.gpus_needed(launcher) == 2:
         assert training_args.gradient_accumulation_steps == 2  # the one-GPU global batch, for comparable curves
 
 
 def test_mission_recipe_keeps_the_original_tool_settings():
-    data_args, args, model_args, _ = config.parse([MISSION, "--dry_run"])
+    data_args, args, model_args, _, *_ = config.parse([MISSION, "--dry_run"])
     assert model_args.model_name_or_path == "google/gemma-3-4b-it"
     assert data_args.dataset_name == "BelleGroup/train_0.5M_CN"
     assert (data_args.max_samples, args.seed) == (2000, 42)
@@ -78,8 +78,8 @@ def test_low_memory_recipe_is_the_mission_job_in_smaller_rows():
     changed = {key for key in mission.keys() | low.keys() if mission.get(key) != low.get(key)}
     assert changed == {"max_length", "gradient_accumulation_steps", "pad_to_multiple_of", "keep_mlp_outputs"}
     assert mission["keep_mlp_outputs"] and not low["keep_mlp_outputs"]
-    _, mission_args, _, _ = config.parse([MISSION, "--dry_run"])
-    _, low_args, _, _ = config.parse([str(REPO_ROOT / LOW_MEMORY), "--dry_run"])
+    _, mission_args, _, _, *_ = config.parse([MISSION, "--dry_run"])
+    _, low_args, _, _, *_ = config.parse([str(REPO_ROOT / LOW_MEMORY), "--dry_run"])
     per_step = [a.max_length * a.per_device_train_batch_size * a.gradient_accumulation_steps
                 for a in (mission_args, low_args)]  # fmt: skip
     assert per_step[0] == per_step[1]  # tokens per optimizer step, and so the number of steps and the schedule
@@ -89,13 +89,13 @@ def test_low_memory_recipe_is_the_mission_job_in_smaller_rows():
 
 def test_several_gpus_are_told_the_flags_that_keep_the_one_gpu_batch():
     """Data parallelism multiplies the tokens per step; sft.py names the flags that give them back."""
-    _, mission, _, _ = config.parse([MISSION, "--dry_run"])
-    _, low, _, _ = config.parse([str(REPO_ROOT / LOW_MEMORY), "--dry_run"])
+    _, mission, _, _, *_ = config.parse([MISSION, "--dry_run"])
+    _, low, _, _, *_ = config.parse([str(REPO_ROOT / LOW_MEMORY), "--dry_run"])
     assert config.one_gpu_batch_flags(low, 2) == "--gradient_accumulation_steps 1"
     assert config.one_gpu_batch_flags(low, 4) == "--max_length 2048 --pad_to_multiple_of 2048"
     assert config.one_gpu_batch_flags(mission, 2) == "--max_length 8192 --pad_to_multiple_of 8192"
     assert config.one_gpu_batch_flags(low, 3) is None  # neither 2 steps nor 8,192 tokens split in 3
-    _, halved, _, _ = config.parse([MISSION, "--max_length", "8192", "--pad_to_multiple_of", "8192", "--dry_run"])
+    _, halved, _, _, *_ = config.parse([MISSION, "--max_length", "8192", "--pad_to_multiple_of", "8192", "--dry_run"])
     assert 2 * halved.max_length * halved.gradient_accumulation_steps == mission.max_length
 
 
@@ -119,7 +119,7 @@ def test_bad_value_and_bad_yaml_are_reported_against_the_recipe(tmp_path):
 
 
 def test_command_line_overrides_the_recipe_and_unknown_flags_fail():
-    _, args, _, resolved = config.parse([MISSION, "--num_train_epochs", "1", "--dry_run"])
+    _, args, _, resolved, *_ = config.parse([MISSION, "--num_train_epochs", "1", "--dry_run"])
     assert args.num_train_epochs == 1 and resolved["num_train_epochs"] == 1
     with pytest.raises(UserError, match=r"unknown flag '--num_train_epoks'.*did you mean '--num_train_epochs'"):
         config.parse([MISSION, "--num_train_epoks", "1"])
@@ -128,7 +128,7 @@ def test_command_line_overrides_the_recipe_and_unknown_flags_fail():
 
 
 def test_original_tool_flags_are_aliases():
-    data_args, args, model_args, _ = config.parse(
+    data_args, args, model_args, _, *_ = config.parse(
         [MISSION, "--model_path", "m", "--data_path=d.jsonl", "--epochs", "2", "--batch_size", "8",
          "--output_path", "out", "--dry_run"]
     )  # fmt: skip
@@ -166,13 +166,13 @@ def test_lora_targets_the_language_model_only_with_the_expected_parameter_count(
 def test_unpacked_runs_drop_the_packed_row_shape_and_flex_attention():
     """`--packing false` on a packed recipe pads each batch to a multiple of 64, not to the 16,384-token row, and
     uses sdpa (flex_attention would compile again for each new length); flags given on the command line win."""
-    _, args, model_args, resolved = config.parse([MISSION, "--packing", "false", "--dry_run"])
+    _, args, model_args, resolved, *_ = config.parse([MISSION, "--packing", "false", "--dry_run"])
     assert args.pad_to_multiple_of == config.UNPACKED_PAD == 64 and model_args.attn_implementation == "sdpa"
     assert resolved["pad_to_multiple_of"] == 64 and resolved["attn_implementation"] == "sdpa"
-    _, args, model_args, _ = config.parse([MISSION, "--packing", "false", "--pad_to_multiple_of", "4096",
+    _, args, model_args, _, *_ = config.parse([MISSION, "--packing", "false", "--pad_to_multiple_of", "4096",
                                            "--attn_implementation", "flex_attention", "--dry_run"])  # fmt: skip
     assert args.pad_to_multiple_of == 4096 and model_args.attn_implementation == "flex_attention"
-    _, args, model_args, _ = config.parse([MISSION, "--dry_run"])
+    _, args, model_args, _, *_ = config.parse([MISSION, "--dry_run"])
     assert args.pad_to_multiple_of == 16384 and model_args.attn_implementation == "flex_attention"
 
 
@@ -186,9 +186,11 @@ def test_make_train_passes_the_launchers_failure_on():
 
 def test_a_recipes_held_out_file_goes_with_the_recipes_data():
     demo = "recipes/gemma3_270m_belle_demo.yaml"
-    data_args, _, _, resolved = config.parse([demo, "--dry_run"])
+    data_args, _, _, resolved, *_ = config.parse([demo, "--dry_run"])
     assert data_args.eval_dataset_name == resolved["eval_dataset_name"] == "data/belle_eval_zh.jsonl"
-    data_args, _, _, resolved = config.parse([demo, "--data_path", "mine.jsonl", "--dry_run"])
+    data_args, _, _, resolved, *_ = config.parse([demo, "--data_path", "mine.jsonl", "--dry_run"])
     assert data_args.eval_dataset_name is None and resolved["eval_dataset_name"] is None  # split off mine.jsonl
-    data_args, _, _, _ = config.parse([demo, "--data_path", "m.jsonl", "--eval_dataset_name", "e.jsonl", "--dry_run"])
+    data_args, _, _, _, *_ = config.parse(
+        [demo, "--data_path", "m.jsonl", "--eval_dataset_name", "e.jsonl", "--dry_run"]
+    )
     assert data_args.eval_dataset_name == "e.jsonl"

@@ -150,13 +150,13 @@ def test_checkpointing_every_second_layer_learns_the_same_adapter(tmp_path, monk
 def test_torch_compile_compiles_decoder_layers_not_the_whole_model(tmp_path, monkeypatch, tiny_model_dir):
     """`torch_compile: true` in a recipe compiles each decoder layer once (accelerate's regional compilation)."""
     from gemma_sft import config, data, modeling
-    from sft import build_trainer
+    from gemma_sft.trainer import build_trainer
 
     for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"):
         monkeypatch.setenv(name, "")  # TrainingArguments and sft.py set these: restore them for the next tests
         monkeypatch.delenv(name)
     rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(8))
-    _, training_args, model_args, resolved = config.parse(
+    _, training_args, model_args, resolved, *_ = config.parse(
         [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(rows), "--output_dir", str(tmp_path / "out"),
          *TINY_RECIPE_FLAGS, "--torch_compile", "true"]
     )  # fmt: skip
@@ -248,12 +248,12 @@ def test_trainer_packs_the_whole_sample_at_once(tmp_path, tiny_model_dir):
     from trl import pack_dataset
 
     from gemma_sft import config, data, modeling
-    from sft import build_trainer
+    from gemma_sft.trainer import build_trainer
 
     rows = [{"instruction": f"第 {i} 题", "input": "", "output": "好" * (5 + i * 37 % 90)} for i in range(2100)]
     args = [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(write_jsonl(tmp_path / "rows.jsonl", rows)),
             "--output_dir", str(tmp_path / "out"), *TINY_RECIPE_FLAGS]  # fmt: skip
-    _, training_args, model_args, resolved = config.parse(args)
+    _, training_args, model_args, resolved, *_ = config.parse(args)
     tokenizer = modeling.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
     trainer = build_trainer(training_args, model_args, data.prepare_from_settings(resolved, tokenizer), tokenizer)
     packed = trainer.train_dataset["seq_lengths"]
@@ -280,7 +280,7 @@ def test_set_up_objects_are_out_of_the_garbage_collectors_view_while_training(tm
     from transformers import TrainerCallback
 
     from gemma_sft import config, data, modeling
-    from sft import build_trainer
+    from gemma_sft.trainer import build_trainer
 
     class FrozenCount(TrainerCallback):
         def __init__(self):
@@ -290,7 +290,7 @@ def test_set_up_objects_are_out_of_the_garbage_collectors_view_while_training(tm
             self.counts.append(gc.get_freeze_count())
 
     rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(8))
-    _, training_args, model_args, resolved = config.parse(
+    _, training_args, model_args, resolved, *_ = config.parse(
         [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(rows), "--output_dir", str(tmp_path / "out"),
          *TINY_RECIPE_FLAGS, "--max_steps", "2"]
     )  # fmt: skip
@@ -298,7 +298,7 @@ def test_set_up_objects_are_out_of_the_garbage_collectors_view_while_training(tm
     probe = FrozenCount()
     before = gc.get_freeze_count()
     trainer = build_trainer(training_args, model_args, data.prepare_from_settings(resolved, tokenizer), tokenizer,
-                            [probe])  # fmt: skip
+                            callbacks=[probe])  # fmt: skip
     trainer.train()
     assert len(probe.counts) == 2 and min(probe.counts) > before + 10_000  # the interpreter's heap, model included
     assert gc.get_freeze_count() == before

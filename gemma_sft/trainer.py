@@ -1,0 +1,103 @@
+"""The trainer: the base model (4-bit when the recipe asks) in TRL's SFTTrainer with the LoRA config and speed-ups."""
+
+import gc
+import math
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from gemma_sft import UserError, outputs
+
+
+class GemmaSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer with a FLOP count taken once: the Trainer's own walks every parameter of the model on each
+    micro-step (~60 ms for the 4-bit 4B model, host time the GPU waits for), and the count cannot change while
+    training."""
+
+    def floating_point_ops(self, inputs) -> int:
+        if "input_ids" not in inputs:
+            return 0
+        if not hasattr(self, "_non_embedding_parameters"):
+            self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs["input_ids"].numel() * self._non_embedding_parameters
+
+
+class FreezeSetUpObjects(TrainerCallback):
+    """Keep the objects made while setting up (model modules, tokenizer, tokenized rows) out of Python's garbage
+    collector while training: they live to the end anyway, and each full collection walked them all, about half a
+    second of one step in fifteen on the 4B. Unfrozen when training ends."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        gc.collect()
+        gc.freeze()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        gc.unfreeze()
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first NaN/inf loss or weight, before that step's checkpoint is written."""
+
+    def __init__(self):
+        self.tripped_at: int | None = None
+        self.what = ""
+
+    def _trip(self, state, control, what):
+        self.tripped_at, self.what = state.global_step, what
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        sums = [p.detach().float().abs().sum() for p in model.parameters() if p.requires_grad]
+        if sums and not bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all()):
+            self._trip(state, control, "the LoRA weights became NaN/inf")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                self._trip(state, control, f"the {key.replace('_', ' ')} became {value}")
+        return control
+
+    def raise_if_tripped(self, output_dir: str) -> None:
+        if self.tripped_at is None:
+            return
+        last = outputs.last_complete_checkpoint(Path(output_dir))
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+        raise UserError(
+            f"training stopped at step {self.tripped_at}: {self.what}; {kept}. "
+            "Lower learning_rate or max_grad_norm, check the data, and never train Gemma 3 in fp16"
+        )
+
+
+def build_trainer(training_args, model_args, prepared, tokenizer, speed=None, callbacks=()) -> GemmaSFTTrainer:
+    """The trainer for a recipe's parsed arguments and prepared rows; `speed` (SpeedArguments, default: every switch
+    on) picks the speed-ups (gemma_sft/speedups.py)."""
+    from datasets import Dataset
+    from trl import get_peft_config
+
+    from gemma_sft import modeling, speedups
+    from gemma_sft.config import SpeedArguments
+
+    speed_callbacks = speedups.install(speed or SpeedArguments(), training_args, model_args)
+    model = modeling.load_model(modeling.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
+    if training_args.torch_compile:
+        # Compile one decoder layer and reuse it for every layer (accelerate's regional compilation, which accelerate
+        # reads from the environment only) rather than tracing the whole model: seconds of compilation instead of
+        # minutes, and one graph per layer type.
+        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
+    return GemmaSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(prepared.train),
+        eval_dataset=Dataset.from_list(prepared.eval) if prepared.eval else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[*callbacks, *speed_callbacks, FreezeSetUpObjects()],
+    )
