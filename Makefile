@@ -6,7 +6,7 @@ ADAPTER ?= outputs/gemma3-270m-belle-demo
 OUTPUT ?= $(ADAPTER)-merged
 RECIPE ?=
 
-.PHONY: install train demo test test-fast eval chat merge bench bench-quality lint format clean
+.PHONY: install train demo test test-fast eval chat merge webui bench bench-quality lint format clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ chat: install  ## talk to the adapter in the terminal
 
 merge: install  ## merge the adapter into a 16-bit base -> OUTPUT
 	$(PY) merge.py --adapter $(ADAPTER) --output $(OUTPUT)
+
+webui: install  ## base and adapter side by side in the browser, streamed, with the report -> http://127.0.0.1:7860
+	$(PY) webui.py --adapter $(ADAPTER)
 
 bench: install  ## throughput benchmark (needs a CUDA GPU): original settings vs ours -> bench/results.json
 	$(PY) bench/bench.py

@@ -158,3 +158,10 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
             "--output_dir", str(out), "--num_train_epochs", "3", *flags]  # fmt: skip
     assert sft_main(args) == 0
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the trained tiny adapter share one xdist worker: the adapter is trained once, not once per worker."""
+    for item in items:
+        if "tiny_adapter" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_adapter"))
