@@ -28,6 +28,7 @@ def publish_dir(build, target: str | os.PathLike, *, replace: bool = False, lock
                 return target
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
             try:
+                os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result gets the usual mode
                 build(staging)
                 if target.exists():  # swap: the old folder leaves only after the new one is whole
                     retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -54,6 +55,12 @@ def move_files_into(staging: Path, folder: Path, last: str) -> None:
             shutil.rmtree(destination)
         os.replace(staging / name, destination)
     staging.rmdir()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

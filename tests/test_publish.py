@@ -20,6 +20,9 @@ def write(text):
 def test_a_new_folder_appears_whole_and_nothing_else_is_left(tmp_path):
     target = publish_dir(write("new"), tmp_path / "merged")
     assert (target / "model.bin").read_text() == "new"
+    plain = tmp_path.parent / f"{tmp_path.name}-plain"
+    plain.mkdir()
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not the temporary folder's private mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
