@@ -4,9 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ADAPTER ?= outputs/gemma3-270m-belle-demo
 OUTPUT ?= $(ADAPTER)-merged
+GGUF ?= $(ADAPTER)-gguf
+TYPE ?= f16
 RECIPE ?=
 
-.PHONY: install train demo test test-fast eval chat merge webui bench bench-quality lint format clean
+.PHONY: install train demo test test-fast eval chat merge export webui bench bench-quality bench-data lint format clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,14 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed  ## create .venv/ from the pinned requirements.txt
 
+# llama.cpp itself, for the test that runs an exported GGUF file in it: llama-cpp-python built from its PyPI source
+# release, the CPU library only (no tools, examples, server or multimodal part), about 9 minutes on 2 cores, once.
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF
+$(VENV)/.llama-cpp: requirements-llama-cpp.txt $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -r requirements-llama-cpp.txt
+	touch $@
+
 train: install  ## fine-tune: the mission recipe on a CUDA GPU (low-memory form under 14 GiB), the 270M demo on CPU (RECIPE=... to choose)
 	$(PY) -m gemma_sft.hardware $(RECIPE)
 
@@ -23,7 +33,7 @@ demo: install  ## the CPU demo end to end: train the 270M, then evaluate it
 	$(PY) sft.py recipes/gemma3_270m_belle_demo.yaml
 	$(PY) evaluate.py --adapter outputs/gemma3-270m-belle-demo
 
-test: install  ## every test, offline (the slow end-to-end ones included)
+test: install $(VENV)/.llama-cpp  ## every test, offline (the slow end-to-end ones included; builds llama.cpp once)
 	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-fast: install  ## the fast tests only
@@ -38,6 +48,9 @@ chat: install  ## talk to the adapter in the terminal
 merge: install  ## merge the adapter into a 16-bit base -> OUTPUT
 	$(PY) merge.py --adapter $(ADAPTER) --output $(OUTPUT)
 
+export: install  ## merge ADAPTER and write one GGUF file (TYPE=f16 or q8_0) with an Ollama Modelfile -> GGUF
+	$(PY) export.py --adapter $(ADAPTER) --output $(GGUF) --type $(TYPE)
+
 webui: install  ## base and adapter side by side in the browser, streamed, with the report -> http://127.0.0.1:7860
 	$(PY) webui.py --adapter $(ADAPTER)
 
@@ -46,6 +59,9 @@ bench: install  ## throughput benchmark (needs a CUDA GPU): original settings vs
 
 bench-quality: install  ## time to quality (needs a CUDA GPU): held-out loss against wall time per set-up -> bench/quality/
 	$(PY) bench/quality.py
+
+bench-data: install  ## data preparation of 519,255 Belle-shaped rows (CPU): time and memory, empty cache then cached -> bench/results/data-prep.json
+	$(PY) bench/data_prep.py
 
 lint: install  ## ruff check and format check
 	$(VENV)/bin/ruff check .

@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer, recipe = modeling.load_for_inference(args.adapter, args.base)
     if args.data:
-        records = data.load_records(args.data)
-        prepared = data.prepare(records, args.data, tokenizer, max_samples=0, eval_samples=0, max_length=None, seed=0)
-        conversations, categories = prepared.train_messages, prepared.train_categories
+        rows = data.load_conversations(args.data)
+        prepared = data.prepare(rows, tokenizer, max_samples=0, eval_samples=0, max_length=None, seed=0)
+        conversations, categories = list(prepared.train_messages), list(prepared.train_categories)
     else:  # redraw the run's held-out rows: same source, seed and sizes give the same split
         if "dataset_name" not in recipe:
             raise UserError(f"{args.adapter}: no recipe.yaml to redraw the held-out rows from; pass --data FILE")

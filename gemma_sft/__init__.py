@@ -1,6 +1,7 @@
 """Shared code for the Gemma 3 QLoRA recipes: recipe parsing, data, model loading and evaluation."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,15 @@ from pathlib import Path
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """Where converted models and prepared data are kept: GEMMA_SFT_CACHE, else ~/.cache/gemma-sft."""
+    root = (
+        os.environ.get("GEMMA_SFT_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma-sft"
+    )
+    return Path(root)
 
 
 OUT_OF_MEMORY = "README.md, Troubleshooting, says what uses less"

@@ -18,6 +18,7 @@ from gemma_sft import UserError
 FLAG_ALIASES = {
     "--model_path": "--model_name_or_path",
     "--data_path": "--dataset_name",
+    "--streaming": "--dataset_streaming",
     "--epochs": "--num_train_epochs",
     "--batch_size": "--per_device_train_batch_size",
     "--output_path": "--output_dir",
@@ -43,6 +44,13 @@ class DataArguments(ScriptArguments):
     drop_overlong: bool = field(
         default=True,
         metadata={"help": "Skip (and count) rows longer than max_length rather than cut off their answer."},
+    )
+    data_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep checked and tokenized rows on disk (GEMMA_SFT_CACHE/data, default ~/.cache/gemma-sft/data) "
+            "so a run with the same data, tokenizer, template and settings starts at once."
+        },
     )
 
 
@@ -127,7 +135,8 @@ DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments, SpeedArgumen
 # Always written to the resolved recipe, so the held-out rows can be drawn again (evaluate.py) from it alone.
 SAMPLING_KEYS = (
     "dataset_name", "dataset_config", "dataset_train_split", "max_samples", "eval_samples", "max_length", "seed",
-    "system_prompt", "drop_overlong", "model_name_or_path", "eval_dataset_name",
+    "system_prompt", "drop_overlong", "model_name_or_path", "eval_dataset_name", "dataset_num_proc",
+    "dataset_streaming", "data_cache",
 )  # fmt: skip
 # Unpacked batches are padded to a multiple of this: few shapes, little padding.
 UNPACKED_PAD = 64

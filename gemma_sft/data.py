@@ -6,13 +6,17 @@ reason in the summary; nothing is dropped silently.
 """
 
 import json
+import logging
+import os
 import random
+import re
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemma_sft import UserError, hub_error
+from gemma_sft import UserError, data_cache, hub_error
 
 LOCAL_SUFFIXES = (".json", ".jsonl")
 FORMATS = {
@@ -29,20 +33,6 @@ ANSWER_MARK = "### 回答:"
 class Record:
     where: str  # "file.jsonl:12" or "BelleGroup/train_0.5M_CN row 12": what an error message points at
     value: object
-
-
-@dataclass
-class PreparedData:
-    source: str
-    format: str
-    rows_read: int
-    train: list[dict]
-    eval: list[dict]
-    train_messages: list[list[dict]]
-    eval_messages: list[list[dict]]
-    skipped: Counter = field(default_factory=Counter)
-    eval_categories: list[str | None] = field(default_factory=list)  # each row's "category" field, if any
-    train_categories: list[str | None] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,12 +60,13 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
     decoder = json.JSONDecoder()
     records = []
     at = text.index("[") + 1
+    line, counted = 1, 0  # the line number at `counted`, advanced as the elements are read (not recounted)
     while True:
         while at < len(text) and text[at] in " \t\r\n":
             at += 1
         if at < len(text) and text[at] == "]" and not records:
             break
-        line = text.count("\n", 0, at) + 1
+        line, counted = line + text.count("\n", counted, at), at
         try:
             value, at = decoder.raw_decode(text, at)
         except json.JSONDecodeError as exc:
@@ -131,17 +122,16 @@ def read_local(source: str) -> list[Record]:
     return _read_json_lines(path, text)
 
 
-def read_hub(name: str, config: str | None, split: str) -> list[Record]:
+def _load_hub(name: str, config: str | None, split: str, streaming: bool = False):
     try:
         from datasets import load_dataset
 
-        dataset = load_dataset(name, name=config, split=split)
+        return load_dataset(name, name=config, split=split, streaming=streaming)
     except Exception as exc:  # offline, missing, gated, bad config...: all mean "could not fetch"; say so in one line
         raise hub_error(
             "dataset", name, exc, "dataset_name (or --data_path) to the local .json/.jsonl file",
             f"hf download --repo-type dataset {name}",
         ) from None  # fmt: skip
-    return [Record(f"{name} row {index}", row) for index, row in enumerate(dataset)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,21 +261,17 @@ def to_messages(record: Record, fmt: str, system_prompt: str | None = None) -> l
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizing, sampling and the summary
+# Conversations, tokenizing, sampling and the summary
 # ---------------------------------------------------------------------------------------------------------------
-def tokenize(tokenizer, messages: list[dict]) -> dict:
-    """Token ids and the answer mask (1 on each answer and its <end_of_turn>), from the chat template's markers."""
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return {"input_ids": list(encoded["input_ids"]), "assistant_masks": list(encoded["assistant_masks"])}
-
-
 TOKENIZE_BATCH = 256  # conversations rendered and tokenized per call: the fast tokenizer encodes a batch at once
+PARALLEL_ROWS = 20_000  # below this, worker processes cost more to start than they save
+STREAM_BUFFER = 10_000  # rows a streamed source is shuffled within
+_ROW = "\x00row {}\x00"  # stands for a row's location in messages made inside `map`; replaced once it is known
 
 
 def tokenize_many(tokenizer, conversations: list[list[dict]]) -> list[dict]:
-    """`tokenize` for several conversations in one call (the same ids and masks, a few times faster)."""
+    """Token ids and the answer mask (1 on each answer and its <end_of_turn>, from the chat template's markers) for
+    each conversation; one call for several is a few times faster than one each."""
     if not conversations:
         return []
     encoded = tokenizer.apply_chat_template(
@@ -297,17 +283,472 @@ def tokenize_many(tokenizer, conversations: list[list[dict]]) -> list[dict]:
     ]
 
 
-def load_records(source: str, config: str | None = None, split: str = "train") -> list[Record]:
+def tokenize(tokenizer, messages: list[dict]) -> dict:
+    """`tokenize_many` for one conversation."""
+    return tokenize_many(tokenizer, [messages])[0]
+
+
+def num_proc_for(rows: int, asked: int | None) -> int | None:
+    """Worker processes for `rows` rows: the recipe's dataset_num_proc, else one per core (up to 8) for big sets."""
+    if asked is not None:
+        return asked if asked > 1 else None
+    return min(os.cpu_count() or 1, 8) if rows >= PARALLEL_ROWS and (os.cpu_count() or 1) > 1 else None
+
+
+def _features(kind: str):
+    from datasets import Features, List, Value
+
+    if kind == "conversations":
+        message = {"role": Value("string"), "content": Value("string")}
+        return Features(
+            {
+                "messages": List(message),
+                "category": Value("string"),
+                "skip": Value("string"),
+                "problem": Value("string"),
+            }
+        )
+    return Features(
+        {
+            "input_ids": List(Value("int32")),
+            "assistant_masks": List(Value("int8")),
+            "length": Value("int32"),
+            "answer_tokens": Value("int32"),
+        }
+    )
+
+
+@dataclass
+class Conversations:
+    """Every row of one source as chat messages or the reason it is skipped, in a memory-mapped Arrow table with
+    the columns messages, category and skip, in the source's order."""
+
+    source: str
+    format: str
+    rows_read: int
+    table: object  # datasets.Dataset
+    key: str  # the cache key of this table; the tokenized rows' keys build on it
+
+
+def _convert_batch(batch: dict, indices: list[int], fmt: str, system_prompt: str | None) -> dict:
+    out = {"messages": [], "category": [], "skip": [], "problem": []}
+    for j, index in enumerate(indices):
+        # an Arrow table has every column in every row, None where a row lacks it: as a missing key to the converters
+        record = Record(_ROW.format(index), {key: values[j] for key, values in batch.items()})
+        messages, category, skip, problem = [], None, None, None
+        try:
+            messages = to_messages(record, fmt, system_prompt)
+            category = category_of(record)
+        except Skip as reason:
+            skip = str(reason)
+        except UserError as error:
+            problem = str(error)
+        for key, value in zip(out, (messages, category, skip, problem)):
+            out[key].append(value)
+    return out
+
+
+def _locate(source: str, index: int) -> str:
+    """Where the index-th row of `source` is: "file:line" for a local file, "name row N" for a Hub dataset."""
+    if not is_local(source):
+        return f"{source} row {index}"
+    path = Path(source).expanduser()
+    if path.suffix == ".json" and path.read_bytes().lstrip().startswith(b"["):
+        return _read_json_array(path, _decode(path))[index].where
+    seen = -1
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        for number, line in enumerate(_lines(file), start=1):
+            if line.strip():
+                seen += 1
+                if seen == index:
+                    return f"{path}:{number}"
+    return f"{path} row {index}"
+
+
+def _lines(file):
+    """A text file's lines split on "\\n" only (as the JSON-lines reader splits them)."""
+    rest = ""
+    while chunk := file.read(1 << 20):
+        parts = (rest + chunk).split("\n")
+        rest = parts.pop()
+        yield from parts
+    yield rest
+
+
+def _first_row(table) -> dict:
+    return {key: value for key, value in table[0].items() if value is not None}
+
+
+def _convert_table(table, source: str, system_prompt: str | None, num_proc: int | None, scratch: Path):
+    if len(table) == 0:
+        raise UserError(f"{source}: no rows found")
+    fmt = detect_format(Record(_locate(source, 0), _first_row(table)))
+    converted = table.map(
+        _convert_batch,
+        batched=True,
+        batch_size=1000,
+        with_indices=True,
+        fn_kwargs={"fmt": fmt, "system_prompt": system_prompt},
+        remove_columns=table.column_names,
+        features=_features("conversations"),
+        num_proc=num_proc_for(len(table), num_proc),
+        cache_file_name=str(scratch / "conversations.arrow"),
+        new_fingerprint=data_cache.digest(table._fingerprint, fmt, system_prompt),  # not a hash of the arguments
+        desc="Checking rows",
+    )
+    problems = converted.data.column("problem")
+    if problems.null_count < len(problems):
+        import pyarrow.compute as pc
+
+        first = pc.index(pc.is_valid(problems), True).as_py()  # the first bad row in the source's order
+        raise UserError(problems[first].as_py().replace(_ROW.format(first), _locate(source, first), 1))
+    return converted.remove_columns("problem"), {"format": fmt, "rows_read": len(table)}
+
+
+def _convert_records(records: list[Record], source: str, system_prompt: str | None):
+    """The same conversion row by row, for files that Arrow cannot read as a table (a byte-order mark, a value that
+    is not an object...): the reader and converters then name the exact line and field."""
+    from datasets import Dataset
+
+    if not records:
+        raise UserError(f"{source}: no rows found")
+    fmt = detect_format(records[0])
+    columns = {"messages": [], "category": [], "skip": [], "problem": []}
+    for record in records:
+        messages, category, skip = [], None, None
+        try:
+            messages = to_messages(record, fmt, system_prompt)
+            category = category_of(record)
+        except Skip as reason:
+            skip = str(reason)
+        for key, value in zip(columns, (messages, category, skip, None)):
+            columns[key].append(value)
+    table = Dataset.from_dict(columns, features=_features("conversations")).remove_columns("problem")
+    return table, {"format": fmt, "rows_read": len(records)}
+
+
+_NOT_AN_OBJECT = re.compile(rb"(?m)^[ \t\r]*[^{ \t\r\n]")  # a line that starts with anything but "{"
+
+
+def _scan(path: Path) -> tuple[str, bool]:
+    """One pass over the file: its digest (its cache identity), whether it is UTF-8 (Arrow's reader does not check),
+    and whether every line holds an object, the only shape Arrow's JSON-lines reader is given: it crashes the process
+    on a file holding only `null` and reads a `null` line as a row of empty fields."""
+    import codecs
+    import hashlib
+
+    h, decoder, offset, lines = hashlib.blake2b(digest_size=16), codecs.getincrementaldecoder("utf-8")(), 0, 1
+    objects, tail = path.suffix == ".jsonl", b""
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            h.update(chunk)
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line = lines + chunk[: max(exc.start, 0)].count(b"\n")
+                raise UserError(
+                    f"{path}:{line}: not valid UTF-8 (byte {offset + exc.start}); save the file as UTF-8"
+                ) from None
+            if objects:
+                text = tail + chunk
+                cut = text.rfind(b"\n") + 1
+                # fast case first: every newline is followed by "{" (or ends the text)
+                simple = text.count(b"\n") - text.count(b"\n{") == (1 if cut == len(text) else 0) and text[:1] == b"{"
+                objects = simple or not _NOT_AN_OBJECT.search(text, 0, cut)
+                tail = text[cut:]
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path}:{lines}: not valid UTF-8 (the file ends mid-character); save the file as UTF-8"
+        ) from None
+    objects = objects and offset > 0 and not _NOT_AN_OBJECT.search(tail)
+    return h.hexdigest(), objects
+
+
+def _read_local_table(path: Path, scratch: Path):
+    """The file as an Arrow table, or None where Arrow's JSON reader refuses it."""
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    quiet = logging.getLogger("datasets")
+    level, quiet.level = quiet.level, logging.CRITICAL  # a refusal is logged as an error; ours is the one to show
+    try:
+        return load_dataset("json", data_files=str(path), split="train", cache_dir=str(scratch / "json"))
+    except Exception:  # any refusal: the strict reader below says what is wrong, or reads it row by row
+        return None
+    finally:
+        quiet.setLevel(level)
+
+
+def load_conversations(
+    source: str,
+    config: str | None = None,
+    split: str = "train",
+    *,
+    system_prompt: str | None = None,
+    num_proc: int | None = None,
+    cache: bool = True,
+) -> Conversations:
+    """Read, check and convert every row of a local JSON/JSONL file or Hub dataset (cached on disk, see data_cache).
+
+    A malformed row is a UserError naming its file and line (or row) and field, the first one in the source's
+    order, raised before anything is tokenized."""
     if not source:
         raise UserError("no data: set dataset_name in the recipe or pass --data_path FILE")
-    return read_local(source) if is_local(source) else read_hub(source, config, split)
+    if is_local(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserError(f"{path}: data file not found")
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"{path}: unsupported file type '{path.suffix}' (use .json or .jsonl)")
+        content, objects = _scan(path)
+        identity = ["file", content, path.suffix]
+
+        def build(scratch: Path):
+            table = _read_local_table(path, scratch) if objects else None
+            if table is None:
+                return _convert_records(read_local(source), source, system_prompt)
+            return _convert_table(table, source, system_prompt, num_proc, scratch)
+    else:
+        hub = _load_hub(source, config, split)
+        identity = ["hub", source, config, split, hub._fingerprint]
+
+        def build(scratch: Path):
+            return _convert_table(hub, source, system_prompt, num_proc, scratch)
+
+    key = data_cache.digest(*identity, system_prompt, data_cache.code_digest())
+    table, meta = data_cache.cached("conversations", key, build, enabled=cache)
+    return Conversations(source, meta["format"], meta["rows_read"], table, key)
+
+
+def load_records(source: str, config: str | None = None, split: str = "train") -> list[Record]:
+    """Every row of a local file or Hub dataset as a Record, read strictly row by row (no cache)."""
+    if not source:
+        raise UserError("no data: set dataset_name in the recipe or pass --data_path FILE")
+    if is_local(source):
+        return read_local(source)
+    return [Record(f"{source} row {index}", row) for index, row in enumerate(_load_hub(source, config, split))]
+
+
+class Column(Sequence):
+    """One column of some rows of an Arrow table, read on demand (a list of 500k conversations would not fit)."""
+
+    def __init__(self, table, column: str):
+        self.table, self.column = table, column
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.table[index][self.column]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.table[index][self.column]
+
+    def __iter__(self):
+        for start in range(0, len(self), 1000):
+            yield from self.table[start : start + 1000][self.column]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+
+def _tokenize_batch(batch: dict, tokenizer) -> dict:
+    encoded = tokenizer.apply_chat_template(
+        batch["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, masks = encoded["input_ids"], encoded["assistant_masks"]
+    return {
+        "input_ids": ids,
+        "assistant_masks": masks,
+        "length": list(map(len, ids)),
+        "answer_tokens": list(map(sum, masks)),
+    }
+
+
+def tokenize_rows(conversations: Conversations, rows: list[int], tokenizer, *, num_proc=None, cache=True):
+    """The conversations at `rows` (indices into `conversations.table`) tokenized, in that order (cached).
+
+    They are tokenized in the table's order, which reads it front to back, and the cache entry is the same for any
+    order of the same rows (other seeds drawing every row reuse it)."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.int64)
+    ascending = np.argsort(rows, kind="stable")
+    in_table_order = rows[ascending]
+    key = data_cache.digest(conversations.key, data_cache.tokenizer_digest(tokenizer), in_table_order.tobytes())
+
+    def build(scratch: Path):
+        contiguous = len(rows) == len(conversations.table) or not len(rows)
+        chosen = conversations.table if contiguous else conversations.table.select(in_table_order)
+        tokens = chosen.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=TOKENIZE_BATCH,
+            fn_kwargs={"tokenizer": tokenizer},
+            remove_columns=chosen.column_names,
+            features=_features("tokens"),
+            num_proc=num_proc_for(len(rows), num_proc),
+            cache_file_name=str(scratch / "tokens.arrow"),
+            new_fingerprint=key,  # ours: datasets' own would pickle the whole tokenizer to hash it
+            desc="Tokenizing",
+        )
+        return tokens, {}
+
+    tokens = data_cache.cached("tokens", key, build, enabled=cache)[0]
+    position = np.empty_like(ascending)
+    position[ascending] = np.arange(len(rows))  # where each asked-for row sits in table order
+    return tokens if np.array_equal(position, np.arange(len(rows))) else tokens.select(position)
+
+
+@dataclass
+class PreparedData:
+    source: str
+    format: str
+    rows_read: int
+    train: object  # datasets.Dataset with input_ids and assistant_masks, what the Trainer gets
+    eval: object
+    train_messages: Sequence  # each row's chat messages, in the same order
+    eval_messages: list[list[dict]]
+    skipped: Counter = field(default_factory=Counter)
+    eval_categories: list[str | None] = field(default_factory=list)  # each row's "category" field, if any
+    train_categories: Sequence = field(default_factory=list)
+    train_lengths: list[int] = field(default_factory=list)  # tokens per training row
+    train_answer_tokens: int = 0  # supervised tokens in all training rows
 
 
 def prepare(
-    records: list[Record],
+    conversations: Conversations,
+    tokenizer,
+    *,
+    max_samples: int,
+    eval_samples: int,
+    max_length: int | None,
+    seed: int,
+    drop_overlong: bool = True,
+    num_proc: int | None = None,
+    cache: bool = True,
+) -> PreparedData:
+    """Draw eval and train rows at random (fixed seed) from the usable rows, tokenized; rows longer than max_length
+    are skipped and counted (or kept, with drop_overlong false). Only as many rows as needed are tokenized."""
+    import numpy as np
+    from datasets import concatenate_datasets
+
+    if max_samples < 0 or eval_samples < 0:
+        raise UserError("max_samples and eval_samples must be 0 or more")
+    source, table = conversations.source, conversations.table
+    skips = table.data.column("skip")
+    skipped: Counter = Counter(value for value in skips.to_pylist() if value is not None)
+    usable = np.flatnonzero(np.asarray(skips.is_null()))
+    order = list(range(len(usable)))
+    random.Random(seed).shuffle(order)  # the same permutation as drawing from a list of the usable rows
+    wanted = eval_samples + max_samples if max_samples else None
+
+    # Rows are examined in the shuffled order until enough are kept. They are tokenized in chunks a little larger
+    # than what is still needed (the overlong ones are dropped), so a few may be tokenized for nothing, but the rows
+    # kept and the skips counted are those of examining one row at a time.
+    parts, picks, lengths, answers, at = [], [], [], [], 0
+    while at < len(order) and (wanted is None or sum(map(len, picks)) < wanted):
+        need = len(order) - at if wanted is None else wanted - sum(map(len, picks))
+        size = min(len(order) - at, need + need // 16 + TOKENIZE_BATCH // 4)
+        rows = usable[order[at : at + size]].tolist()
+        at += size
+        tokens = tokenize_rows(conversations, rows, tokenizer, num_proc=num_proc, cache=cache)
+        counts = tokens.with_format("numpy", columns=["length", "answer_tokens"])[:]  # through the row order
+        row_lengths, row_answers = counts["length"], counts["answer_tokens"]
+        picked = []
+        for j, length in enumerate(row_lengths.tolist()):
+            if wanted is not None and sum(map(len, picks)) + len(picked) == wanted:
+                break
+            if max_length is not None and length > max_length and drop_overlong:
+                skipped[f"longer than max_length={max_length}"] += 1
+                continue
+            picked.append(j)
+        parts.append((tokens, rows))
+        picks.append(picked)
+        lengths.append(row_lengths[picked])
+        answers.append(row_answers[picked])
+
+    kept = sum(map(len, picks))
+    if kept <= eval_samples:
+        detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none skipped"
+        raise UserError(
+            f"{source}: only {kept} usable rows of {conversations.rows_read} ({detail}); "
+            f"need more than eval_samples={eval_samples}"
+        )
+    chosen = concatenate_datasets([tokens.select(picked) for (tokens, _), picked in zip(parts, picks)])
+    chosen = chosen.select_columns(["input_ids", "assistant_masks"])
+    source_rows = [rows[j] for (_, rows), picked in zip(parts, picks) for j in picked]
+    originals = table.select(source_rows)
+    held_out = originals.select(range(eval_samples))
+    return PreparedData(
+        source=source,
+        format=conversations.format,
+        rows_read=conversations.rows_read,
+        eval=chosen.select(range(eval_samples)),
+        train=chosen.select(range(eval_samples, kept)),
+        eval_messages=held_out[:]["messages"],
+        train_messages=Column(originals.select(range(eval_samples, kept)), "messages"),
+        skipped=skipped,
+        eval_categories=held_out[:]["category"],
+        train_categories=Column(originals.select(range(eval_samples, kept)), "category"),
+        train_lengths=np.concatenate(lengths)[eval_samples:].tolist(),
+        train_answer_tokens=int(np.concatenate(answers)[eval_samples:].sum()),
+    )
+
+
+def _stream_records(source: str, config: str | None, split: str):
+    """A source's rows one at a time, for sets larger than the disk: JSON lines or a streamed Hub dataset."""
+    if not is_local(source):
+        for index, row in enumerate(_load_hub(source, config, split, streaming=True)):
+            yield Record(f"{source} row {index}", row)
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found")
+    if path.suffix != ".jsonl":
+        raise UserError(f"{path}: dataset_streaming reads JSON lines (.jsonl) files; convert it or drop the flag")
+    number = 0
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        try:
+            for number, line in enumerate(_lines(file), start=1):
+                line = line.removesuffix("\r")
+                if not line.strip():
+                    continue
+                try:
+                    yield Record(f"{path}:{number}", json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise _json_error(path, exc, first_line=number) from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not valid UTF-8 (near line {number}); save the file as UTF-8") from None
+
+
+def _shuffled(records, seed: int, buffer: int):
+    """Rows in a seeded random order drawn through a buffer of `buffer` rows, as streamed datasets shuffle."""
+    rng, pool = random.Random(seed), []
+    for record in records:
+        if len(pool) < buffer:
+            pool.append(record)
+            continue
+        at = rng.randrange(buffer)
+        yield pool[at]
+        pool[at] = record
+    rng.shuffle(pool)
+    yield from pool
+
+
+def prepare_streaming(
     source: str,
     tokenizer,
     *,
+    config: str | None = None,
+    split: str = "train",
     max_samples: int,
     eval_samples: int,
     max_length: int | None,
@@ -315,59 +756,66 @@ def prepare(
     system_prompt: str | None = None,
     drop_overlong: bool = True,
 ) -> PreparedData:
-    """Validate every row, then draw eval and train rows at random (fixed seed) and tokenize them."""
-    if not records:
-        raise UserError(f"{source}: no rows found")
-    if max_samples < 0 or eval_samples < 0:
-        raise UserError("max_samples and eval_samples must be 0 or more")
-    fmt = detect_format(records[0])
-    skipped: Counter = Counter()
-    usable, categories = [], []
-    for record in records:
-        try:
-            usable.append(to_messages(record, fmt, system_prompt))
-        except Skip as reason:
-            skipped[str(reason)] += 1
-            continue
-        categories.append(category_of(record))
+    """Rows read from the source only until eval_samples + max_samples usable ones are kept (nothing cached): for
+    sets larger than the disk. The rows are shuffled within a buffer of STREAM_BUFFER rows, so they are not the
+    rows the cached path draws for the same seed."""
+    from datasets import Dataset
 
-    order = list(range(len(usable)))
-    random.Random(seed).shuffle(order)
-    wanted = eval_samples + max_samples if max_samples else None
-    kept_ids, kept_messages, kept_categories = [], [], []
-    # Rows are taken in the shuffled order until enough are kept; they are tokenized a batch ahead, so a few past the
-    # last one kept may be tokenized for nothing, but the rows chosen are the same as one at a time.
-    for start in range(0, len(order), TOKENIZE_BATCH):
-        if wanted is not None and len(kept_ids) == wanted:
-            break
-        batch = order[start : start + TOKENIZE_BATCH]
-        for index, tokens in zip(batch, tokenize_many(tokenizer, [usable[i] for i in batch])):
-            if wanted is not None and len(kept_ids) == wanted:
+    if max_samples <= 0:
+        raise UserError("dataset_streaming reads rows until it has max_samples of them: set max_samples above 0")
+    wanted, read = eval_samples + max_samples, 0
+    skipped: Counter = Counter()
+    kept, messages, categories, fmt, pending = [], [], [], None, []
+
+    def counted(records):
+        nonlocal read
+        for record in records:
+            read += 1
+            yield record
+
+    def flush():
+        for (conversation, category), tokens in zip(pending, tokenize_many(tokenizer, [p[0] for p in pending])):
+            if len(kept) == wanted:
                 break
             if max_length is not None and len(tokens["input_ids"]) > max_length and drop_overlong:
                 skipped[f"longer than max_length={max_length}"] += 1
                 continue
-            kept_ids.append(tokens)
-            kept_messages.append(usable[index])
-            kept_categories.append(categories[index])
+            kept.append(tokens)
+            messages.append(conversation)
+            categories.append(category)
+        pending.clear()
 
-    if len(kept_ids) <= eval_samples:
+    for record in _shuffled(counted(_stream_records(source, config, split)), seed, STREAM_BUFFER):
+        fmt = fmt or detect_format(record)
+        try:
+            pending.append((to_messages(record, fmt, system_prompt), category_of(record)))
+        except Skip as reason:
+            skipped[str(reason)] += 1
+        if len(pending) == TOKENIZE_BATCH or len(kept) + len(pending) >= wanted:
+            flush()
+        if len(kept) == wanted:
+            break
+    flush()
+    if len(kept) <= eval_samples:
         detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none skipped"
         raise UserError(
-            f"{source}: only {len(kept_ids)} usable rows of {len(records)} ({detail}); "
-            f"need more than eval_samples={eval_samples}"
+            f"{source}: only {len(kept)} usable rows in {read} read ({detail}); need more than "
+            f"eval_samples={eval_samples}"
         )
+    train = kept[eval_samples:]
     return PreparedData(
         source=source,
         format=fmt,
-        rows_read=len(records),
-        eval=kept_ids[:eval_samples],
-        train=kept_ids[eval_samples:],
-        eval_messages=kept_messages[:eval_samples],
-        train_messages=kept_messages[eval_samples:],
+        rows_read=read,
+        eval=Dataset.from_list(kept[:eval_samples]),
+        train=Dataset.from_list(train),
+        eval_messages=messages[:eval_samples],
+        train_messages=messages[eval_samples:],
         skipped=skipped,
-        eval_categories=kept_categories[:eval_samples],
-        train_categories=kept_categories[eval_samples:],
+        eval_categories=categories[:eval_samples],
+        train_categories=categories[eval_samples:],
+        train_lengths=[len(row["input_ids"]) for row in train],
+        train_answer_tokens=sum(sum(row["assistant_masks"]) for row in train),
     )
 
 
@@ -385,41 +833,40 @@ def prepare_from_settings(settings: dict, tokenizer) -> PreparedData:
     With `eval_dataset_name`, the held-out rows are `eval_samples` rows drawn from that file (all of it for 0) and
     every usable row of the training data may be trained on; otherwise they are split off the training data.
     """
-    source = settings["dataset_name"]
-    records = load_records(source, settings["dataset_config"], settings["dataset_train_split"])
-    separate_eval = settings.get("eval_dataset_name")
-    prepared = prepare(
-        records,
-        source,
-        tokenizer,
-        max_samples=settings["max_samples"],
-        eval_samples=0 if separate_eval else settings["eval_samples"],
-        max_length=settings["max_length"],
-        seed=settings["seed"],
-        system_prompt=settings["system_prompt"],
-        drop_overlong=settings["drop_overlong"],
-    )
+    source, separate_eval = settings["dataset_name"], settings.get("eval_dataset_name")
+    common = {
+        "max_length": settings["max_length"], "seed": settings["seed"], "drop_overlong": settings["drop_overlong"],
+    }  # fmt: skip
+    cached = {"num_proc": settings.get("dataset_num_proc"), "cache": settings.get("data_cache", True)}
+    train_eval = 0 if separate_eval else settings["eval_samples"]
+    if settings.get("dataset_streaming"):
+        prepared = prepare_streaming(
+            source, tokenizer, config=settings["dataset_config"], split=settings["dataset_train_split"],
+            max_samples=settings["max_samples"], eval_samples=train_eval, system_prompt=settings["system_prompt"],
+            **common,
+        )  # fmt: skip
+    else:
+        conversations = load_conversations(
+            source, settings["dataset_config"], settings["dataset_train_split"],
+            system_prompt=settings["system_prompt"], **cached,
+        )  # fmt: skip
+        prepared = prepare(
+            conversations, tokenizer, max_samples=settings["max_samples"], eval_samples=train_eval, **common, **cached
+        )
     if separate_eval:
         held_out = prepare(
-            load_records(separate_eval),
-            separate_eval,
-            tokenizer,
-            max_samples=settings["eval_samples"],
-            eval_samples=0,
-            max_length=settings["max_length"],
-            seed=settings["seed"],
-            system_prompt=settings["system_prompt"],
-            drop_overlong=settings["drop_overlong"],
-        )
-        prepared.eval, prepared.eval_messages = held_out.train, held_out.train_messages
-        prepared.eval_categories = held_out.train_categories
+            load_conversations(separate_eval, system_prompt=settings["system_prompt"], **cached),
+            tokenizer, max_samples=settings["eval_samples"], eval_samples=0, **common, **cached,
+        )  # fmt: skip
+        prepared.eval, prepared.eval_messages = held_out.train, list(held_out.train_messages)
+        prepared.eval_categories = list(held_out.train_categories)
     return prepared
 
 
 def summarize(data: PreparedData, tokenizer) -> tuple[str, dict]:
     """A human summary of the prepared data and the JSON-able figures behind it."""
-    lengths = sorted(len(row["input_ids"]) for row in data.train)
-    answer_tokens = sum(sum(row["assistant_masks"]) for row in data.train)
+    lengths = sorted(data.train_lengths)
+    answer_tokens = data.train_answer_tokens
     stats = {
         "source": data.source,
         "format": data.format,

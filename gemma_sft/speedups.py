@@ -25,7 +25,7 @@ class Speedup:
     checked_with: str  # the version of `library` it was checked against (requirements.txt pins it)
     install: callable
     uninstall: callable
-    applies: callable = lambda training_args, model_args: True
+    applies: callable = lambda speed, training_args, model_args: True  # speed: the SpeedArguments of the run
     on_train_begin: callable = None  # per-model part, once the Trainer has set the model up (Liger, checkpointing)
 
 
@@ -54,7 +54,7 @@ def _uninstall_fused_qlora() -> None:
     peft_bnb.Linear4bit.forward = getattr(peft_bnb.Linear4bit.forward, "peft_forward", peft_bnb.Linear4bit.forward)
 
 
-def _fused_layers_apply(training_args, model_args) -> bool:
+def _fused_layers_apply(speed, training_args, model_args) -> bool:
     return bool(model_args.load_in_4bit) and not modeling.sharded_launch()  # FSDP/ZeRO-3 shard the quant state
 
 
@@ -85,10 +85,11 @@ def keep_mlp_outputs(model) -> int:
     return layers
 
 
-def _keep_mlp_outputs_apply(training_args, model_args) -> bool:
-    # with torch_compile the compiled layers would trace the replay: untried
+def _keep_mlp_outputs_apply(speed, training_args, model_args) -> bool:
+    # the replayed output is the fused layer's; with torch_compile the compiled layers would trace the replay: untried
     return (
-        _fused_layers_apply(training_args, model_args)
+        speed.fused_qlora
+        and _fused_layers_apply(speed, training_args, model_args)
         and training_args.gradient_checkpointing
         and not (training_args.torch_compile)
     )
@@ -281,17 +282,18 @@ SPEEDUPS = [
     Speedup("fused_output_head", "trl.trainer.utils._ChunkedLogProbFunction", "trl", "1.16.0",
             _install_output_head, _uninstall_output_head),
     Speedup("pack_in_one_pass", "trl.trainer.sft_trainer.pack_dataset", "trl", "1.16.0",
-            _install_pack_in_one_pass, _uninstall_pack_in_one_pass, lambda args, model_args: bool(args.packing)),
+            _install_pack_in_one_pass, _uninstall_pack_in_one_pass,
+            lambda speed, args, model_args: bool(args.packing)),
     Speedup("tuned_flex_attention", 'the "flex_attention" entry of AttentionInterface', "transformers", "5.17.0",
             _install_tuned_flex_attention, _uninstall_tuned_flex_attention,
-            lambda args, model_args: model_args.attn_implementation == "flex_attention"),
+            lambda speed, args, model_args: model_args.attn_implementation == "flex_attention"),
     Speedup("qk_norm_in_stored_layout", "the forward of each attention layer's q_norm and k_norm", "transformers",
             "5.17.0", _nothing, _nothing, on_train_begin=qk_norm_in_stored_layout),
     Speedup("fsdp_checkpoint_fixes",
             "peft's private _get_tuner_state_dict_key_prefixes, peft.set_peft_model_state_dict, "
             "transformers.trainer.load_fsdp_optimizer", "peft", "0.21.2",
             _install_fsdp_checkpoint_fixes, _uninstall_fsdp_checkpoint_fixes,
-            lambda args, model_args: modeling.fsdp_launch()),
+            lambda speed, args, model_args: modeling.fsdp_launch()),
 ]  # fmt: skip
 BY_SWITCH = {entry.switch: entry for entry in SPEEDUPS}
 
@@ -333,9 +335,7 @@ def install(speed, training_args, model_args) -> list[TrainerCallback]:
     fused_qlora.dropout_in_kernels = speed.lora_dropout_in_kernels
     on_train_begin = []
     for entry in SPEEDUPS:
-        wanted = getattr(speed, entry.switch) and entry.applies(training_args, model_args)
-        if entry.switch == "keep_mlp_outputs":
-            wanted = wanted and speed.fused_qlora
+        wanted = getattr(speed, entry.switch) and entry.applies(speed, training_args, model_args)
         if wanted:
             enable(entry.switch)
             if entry.on_train_begin:

@@ -79,7 +79,6 @@ class StopOnNonFiniteLoss(TrainerCallback):
 def build_trainer(training_args, model_args, prepared, tokenizer, speed=None, callbacks=()) -> GemmaSFTTrainer:
     """The trainer for a recipe's parsed arguments and prepared rows; `speed` (SpeedArguments, default: every switch
     on) picks the speed-ups (gemma_sft/speedups.py)."""
-    from datasets import Dataset
     from trl import get_peft_config
 
     from gemma_sft import modeling, speedups
@@ -95,8 +94,8 @@ def build_trainer(training_args, model_args, prepared, tokenizer, speed=None, ca
     return GemmaSFTTrainer(
         model=model,
         args=training_args,
-        train_dataset=Dataset.from_list(prepared.train),
-        eval_dataset=Dataset.from_list(prepared.eval) if prepared.eval else None,
+        train_dataset=prepared.train,  # memory-mapped Arrow rows: no second copy in memory
+        eval_dataset=prepared.eval if len(prepared.eval) else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         callbacks=[*callbacks, *speed_callbacks, FreezeSetUpObjects()],

@@ -1,9 +1,12 @@
 """Shared fixtures: the real Gemma 3 tokenizer (from the embedded 270M package) and tiny random Gemma 3 models."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,11 @@ from gemma_sft import REPO_ROOT, embedded
 from gemma_sft.modeling import load_tokenizer
 
 SAMPLE = REPO_ROOT / "data" / "belle_sample_zh.jsonl"
+
+# Prepared data is cached per test session (and per xdist worker), never in the user's cache; scripts run by the tests
+# inherit it.
+os.environ["GEMMA_SFT_DATA_CACHE"] = tempfile.mkdtemp(prefix="gemma-sft-test-data-")
+atexit.register(shutil.rmtree, os.environ["GEMMA_SFT_DATA_CACHE"], ignore_errors=True)
 
 
 def tiny_text_config(**overrides):

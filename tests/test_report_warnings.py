@@ -97,5 +97,5 @@ def test_a_category_that_is_not_a_string_names_its_line(tokenizer, tmp_path):
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**belle_rows(1)[0], "category": 3}])
     with pytest.raises(UserError, match=r"bad\.jsonl:1: field 'category' must be a string, got int"):
-        data.prepare(data.load_records(str(bad)), str(bad), tokenizer, max_samples=0, eval_samples=0,
-                     max_length=None, seed=0)  # fmt: skip
+        data.prepare(data.load_conversations(str(bad)), tokenizer, max_samples=0, eval_samples=0, max_length=None,
+                     seed=0)  # fmt: skip

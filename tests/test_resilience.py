@@ -116,8 +116,8 @@ nasty_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=200) | st.s
 
 
 def _load_and_prepare(path, tokenizer):
-    records = data.load_records(str(path))
-    return data.prepare(records, str(path), tokenizer, max_samples=0, eval_samples=0, max_length=64, seed=0)
+    rows = data.load_conversations(str(path))
+    return data.prepare(rows, tokenizer, max_samples=0, eval_samples=0, max_length=64, seed=0)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

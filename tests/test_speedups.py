@@ -65,8 +65,8 @@ def test_the_fsdp_fixes_read_no_private_name_outside_fsdp(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delattr(tuners_utils, "_get_tuner_state_dict_key_prefixes")  # as if PEFT renamed it
     args = SpeedArguments()
-    training = config.parse(["recipes/gemma3_270m_belle_demo.yaml", "--dry_run"]).training
-    model = config.parse(["recipes/gemma3_270m_belle_demo.yaml", "--dry_run"]).model
+    recipe = config.parse(["recipes/gemma3_270m_belle_demo.yaml", "--dry_run"])
+    training, model = recipe.training, recipe.model
     speedups.install(args, training, model)  # nothing under FSDP: nothing read, nothing refused
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UserError, match="--fsdp_checkpoint_fixes false"):
