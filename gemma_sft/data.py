@@ -330,31 +330,34 @@ class Conversations:
     key: str  # the cache key of this table; the tokenized rows' keys build on it
 
 
+def _converted(record: Record, fmt: str, system_prompt: str | None) -> tuple[list[dict], str | None, str | None]:
+    """(messages, category, skip reason) of one row; a malformed row raises UserError."""
+    try:
+        return to_messages(record, fmt, system_prompt), category_of(record), None
+    except Skip as reason:
+        return [], None, str(reason)
+
+
 def _convert_batch(batch: dict, indices: list[int], fmt: str, system_prompt: str | None) -> dict:
     out = {"messages": [], "category": [], "skip": [], "problem": []}
     for j, index in enumerate(indices):
         # an Arrow table has every column in every row, None where a row lacks it: as a missing key to the converters
         record = Record(_ROW.format(index), {key: values[j] for key, values in batch.items()})
-        messages, category, skip, problem = [], None, None, None
         try:
-            messages = to_messages(record, fmt, system_prompt)
-            category = category_of(record)
-        except Skip as reason:
-            skip = str(reason)
+            row = (*_converted(record, fmt, system_prompt), None)
         except UserError as error:
-            problem = str(error)
-        for key, value in zip(out, (messages, category, skip, problem)):
+            row = ([], None, None, str(error))
+        for key, value in zip(out, row):
             out[key].append(value)
     return out
 
 
 def _locate(source: str, index: int) -> str:
-    """Where the index-th row of `source` is: "file:line" for a local file, "name row N" for a Hub dataset."""
+    """Where the index-th row of `source` is: "file:line" for a local JSON-lines file (the only local kind read as
+    an Arrow table, see `_scan`), "name row N" for a Hub dataset."""
     if not is_local(source):
         return f"{source} row {index}"
     path = Path(source).expanduser()
-    if path.suffix == ".json" and path.read_bytes().lstrip().startswith(b"["):
-        return _read_json_array(path, _decode(path))[index].where
     seen = -1
     with open(path, encoding="utf-8-sig", newline="") as file:
         for number, line in enumerate(_lines(file), start=1):
@@ -415,13 +418,7 @@ def _convert_records(records: list[Record], source: str, system_prompt: str | No
     fmt = detect_format(records[0])
     columns = {"messages": [], "category": [], "skip": [], "problem": []}
     for record in records:
-        messages, category, skip = [], None, None
-        try:
-            messages = to_messages(record, fmt, system_prompt)
-            category = category_of(record)
-        except Skip as reason:
-            skip = str(reason)
-        for key, value in zip(columns, (messages, category, skip, None)):
+        for key, value in zip(columns, (*_converted(record, fmt, system_prompt), None)):
             columns[key].append(value)
     table = Dataset.from_dict(columns, features=_features("conversations")).remove_columns("problem")
     return table, {"format": fmt, "rows_read": len(records)}
@@ -653,9 +650,9 @@ def prepare(
     # Rows are examined in the shuffled order until enough are kept. They are tokenized in chunks a little larger
     # than what is still needed (the overlong ones are dropped), so a few may be tokenized for nothing, but the rows
     # kept and the skips counted are those of examining one row at a time.
-    parts, picks, lengths, answers, at = [], [], [], [], 0
-    while at < len(order) and (wanted is None or sum(map(len, picks)) < wanted):
-        need = len(order) - at if wanted is None else wanted - sum(map(len, picks))
+    parts, picks, lengths, answers, at, kept = [], [], [], [], 0, 0
+    while at < len(order) and (wanted is None or kept < wanted):
+        need = len(order) - at if wanted is None else wanted - kept
         size = min(len(order) - at, need + need // 16 + TOKENIZE_BATCH // 4)
         rows = usable[order[at : at + size]].tolist()
         at += size
@@ -664,7 +661,7 @@ def prepare(
         row_lengths, row_answers = counts["length"], counts["answer_tokens"]
         picked = []
         for j, length in enumerate(row_lengths.tolist()):
-            if wanted is not None and sum(map(len, picks)) + len(picked) == wanted:
+            if wanted is not None and kept + len(picked) == wanted:
                 break
             if max_length is not None and length > max_length and drop_overlong:
                 skipped[f"longer than max_length={max_length}"] += 1
@@ -674,8 +671,8 @@ def prepare(
         picks.append(picked)
         lengths.append(row_lengths[picked])
         answers.append(row_answers[picked])
+        kept += len(picked)
 
-    kept = sum(map(len, picks))
     if kept <= eval_samples:
         detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none skipped"
         raise UserError(
