@@ -506,9 +506,14 @@ def load_conversations(
 
         def build(scratch: Path):
             table = _read_local_table(path, scratch) if objects else None
-            if table is None:
-                return _convert_records(read_local(source), source, system_prompt)
-            return _convert_table(table, source, system_prompt, num_proc, scratch)
+            if table is not None:
+                try:
+                    return _convert_table(table, source, system_prompt, num_proc, scratch)
+                except UserError:
+                    raise
+                except Exception:  # a shape Arrow reads but `datasets` cannot give back (a key "\x00"...)
+                    pass
+            return _convert_records(read_local(source), source, system_prompt)
     else:
         hub = _load_hub(source, config, split)
         identity = ["hub", source, config, split, hub._fingerprint]
