@@ -116,6 +116,13 @@ class SpeedArguments:
         default=True,
         metadata={"help": "Apply the query/key norms in the projection's stored layout, skipping two copies."},
     )
+    fast_answer_mask: bool = field(
+        default=True,
+        metadata={
+            "help": "Find the answer tokens from each token's length in bytes instead of asking the tokenizer for "
+            "character offsets (gemma_sft/answer_mask.py): the same ids and mask, tokenized sooner."
+        },
+    )
     fsdp_checkpoint_fixes: bool = field(
         default=True,
         metadata={"help": "Under FSDP: make checkpoints hold and restore the adapter and the optimizer's state."},
@@ -136,7 +143,7 @@ DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments, SpeedArgumen
 SAMPLING_KEYS = (
     "dataset_name", "dataset_config", "dataset_train_split", "max_samples", "eval_samples", "max_length", "seed",
     "system_prompt", "drop_overlong", "model_name_or_path", "eval_dataset_name", "dataset_num_proc",
-    "dataset_streaming", "data_cache",
+    "dataset_streaming", "data_cache", "fast_answer_mask",
 )  # fmt: skip
 # Unpacked batches are padded to a multiple of this: few shapes, little padding.
 UNPACKED_PAD = 64

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemma_sft import UserError, data_cache, hub_error
+from gemma_sft import UserError, answer_mask, data_cache, hub_error
 
 LOCAL_SUFFIXES = (".json", ".jsonl")
 FORMATS = {
@@ -269,18 +269,14 @@ STREAM_BUFFER = 10_000  # rows a streamed source is shuffled within
 _ROW = "\x00row {}\x00"  # stands for a row's location in messages made inside `map`; replaced once it is known
 
 
-def tokenize_many(tokenizer, conversations: list[list[dict]]) -> list[dict]:
+def tokenize_many(tokenizer, conversations: list[list[dict]], fast_mask: bool = True) -> list[dict]:
     """Token ids and the answer mask (1 on each answer and its <end_of_turn>, from the chat template's markers) for
-    each conversation; one call for several is a few times faster than one each."""
+    each conversation; one call for several is a few times faster than one each. fast_mask: the same ids and mask
+    found without character offsets (gemma_sft/answer_mask.py), else transformers' own."""
     if not conversations:
         return []
-    encoded = tokenizer.apply_chat_template(
-        conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return [
-        {"input_ids": list(ids), "assistant_masks": list(mask)}
-        for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"])
-    ]
+    ids, masks = (answer_mask.tokenize if fast_mask else answer_mask.reference)(tokenizer, conversations)
+    return [{"input_ids": row_ids, "assistant_masks": mask} for row_ids, mask in zip(ids, masks)]
 
 
 def tokenize(tokenizer, messages: list[dict]) -> dict:
@@ -561,11 +557,8 @@ class Column(Sequence):
         return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
 
 
-def _tokenize_batch(batch: dict, tokenizer) -> dict:
-    encoded = tokenizer.apply_chat_template(
-        batch["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    ids, masks = encoded["input_ids"], encoded["assistant_masks"]
+def _tokenize_batch(batch: dict, tokenizer, fast_mask: bool) -> dict:
+    ids, masks = (answer_mask.tokenize if fast_mask else answer_mask.reference)(tokenizer, batch["messages"])
     return {
         "input_ids": ids,
         "assistant_masks": masks,
@@ -574,7 +567,9 @@ def _tokenize_batch(batch: dict, tokenizer) -> dict:
     }
 
 
-def tokenize_rows(conversations: Conversations, rows: list[int], tokenizer, *, num_proc=None, cache=True):
+def tokenize_rows(
+    conversations: Conversations, rows: list[int], tokenizer, *, num_proc=None, cache=True, fast_mask=True
+):
     """The conversations at `rows` (indices into `conversations.table`) tokenized, in that order (cached).
 
     They are tokenized in the table's order, which reads it front to back, and the cache entry is the same for any
@@ -593,7 +588,7 @@ def tokenize_rows(conversations: Conversations, rows: list[int], tokenizer, *, n
             _tokenize_batch,
             batched=True,
             batch_size=TOKENIZE_BATCH,
-            fn_kwargs={"tokenizer": tokenizer},
+            fn_kwargs={"tokenizer": tokenizer, "fast_mask": fast_mask},
             remove_columns=chosen.column_names,
             features=_features("tokens"),
             num_proc=num_proc_for(len(rows), num_proc),
@@ -636,6 +631,7 @@ def prepare(
     drop_overlong: bool = True,
     num_proc: int | None = None,
     cache: bool = True,
+    fast_mask: bool = True,
 ) -> PreparedData:
     """Draw eval and train rows at random (fixed seed) from the usable rows, tokenized; rows longer than max_length
     are skipped and counted (or kept, with drop_overlong false). Only as many rows as needed are tokenized."""
@@ -661,7 +657,7 @@ def prepare(
         size = min(len(order) - at, need + need // 16 + TOKENIZE_BATCH // 4)
         rows = usable[order[at : at + size]].tolist()
         at += size
-        tokens = tokenize_rows(conversations, rows, tokenizer, num_proc=num_proc, cache=cache)
+        tokens = tokenize_rows(conversations, rows, tokenizer, num_proc=num_proc, cache=cache, fast_mask=fast_mask)
         counts = tokens.with_format("numpy", columns=["length", "answer_tokens"])[:]  # through the row order
         row_lengths, row_answers = counts["length"], counts["answer_tokens"]
         picked = []
@@ -757,6 +753,7 @@ def prepare_streaming(
     seed: int,
     system_prompt: str | None = None,
     drop_overlong: bool = True,
+    fast_mask: bool = True,
 ) -> PreparedData:
     """Rows read from the source only until eval_samples + max_samples usable ones are kept (nothing cached): for
     sets larger than the disk. The rows are shuffled within a buffer of STREAM_BUFFER rows, so they are not the
@@ -776,7 +773,8 @@ def prepare_streaming(
             yield record
 
     def flush():
-        for (conversation, category), tokens in zip(pending, tokenize_many(tokenizer, [p[0] for p in pending])):
+        conversations = [conversation for conversation, _ in pending]
+        for (conversation, category), tokens in zip(pending, tokenize_many(tokenizer, conversations, fast_mask)):
             if len(kept) == wanted:
                 break
             if max_length is not None and len(tokens["input_ids"]) > max_length and drop_overlong:
@@ -838,6 +836,7 @@ def prepare_from_settings(settings: dict, tokenizer) -> PreparedData:
     source, separate_eval = settings["dataset_name"], settings.get("eval_dataset_name")
     common = {
         "max_length": settings["max_length"], "seed": settings["seed"], "drop_overlong": settings["drop_overlong"],
+        "fast_mask": settings.get("fast_answer_mask", True),
     }  # fmt: skip
     cached = {"num_proc": settings.get("dataset_num_proc"), "cache": settings.get("data_cache", True)}
     train_eval = 0 if separate_eval else settings["eval_samples"]

@@ -289,6 +289,8 @@ SPEEDUPS = [
             lambda speed, args, model_args: model_args.attn_implementation == "flex_attention"),
     Speedup("qk_norm_in_stored_layout", "the forward of each attention layer's q_norm and k_norm", "transformers",
             "5.17.0", _nothing, _nothing, on_train_begin=qk_norm_in_stored_layout),
+    Speedup("fast_answer_mask", "transformers' apply_chat_template(return_assistant_tokens_mask=True)",
+            "transformers", "5.17.0", _nothing, _nothing),  # data preparation reads the switch (answer_mask.py)
     Speedup("fsdp_checkpoint_fixes",
             "peft's private _get_tuner_state_dict_key_prefixes, peft.set_peft_model_state_dict, "
             "transformers.trainer.load_fsdp_optimizer", "peft", "0.21.2",
