@@ -135,6 +135,12 @@ SETUPS = {
         ["--packing", "false", "--max_length", "1024", *SDPA_NO_LIGER],
         None,
     ),
+    "original_apart": (
+        "original tool's settings with each accumulated micro-batch run on its own (merge_micro_batches false)",
+        LOW_MEMORY,
+        ["--packing", "false", "--max_length", "1024", *SDPA_NO_LIGER, "--merge_micro_batches", "false"],
+        None,
+    ),
     "original_fast": (
         "original tool's batches (1 sample x accumulation 4, no packing) with the mission recipe's kernels",
         MISSION,
@@ -250,7 +256,7 @@ def gpus_needed(launcher: list[str] | None) -> int:
 
 def linear_weights(config: dict) -> tuple[int, int]:
     """Weights of the language model's linear layers and of its output head."""
-    t = config["text_config"]
+    t = config.get("text_config", config)  # a text-only architecture is its own text config
     h, inter, heads, kv, d = (
         t["hidden_size"],
         t["intermediate_size"],
@@ -272,14 +278,24 @@ def flops_per_token(config: dict) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 def build_checkpoint(folder: Path, tokenizer_dir: Path, model_config: Path) -> None:
     import torch
-    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        Gemma3Config,
+        Gemma3ForCausalLM,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+    )
 
     raw = json.loads(model_config.read_text())
     raw.pop("architectures")
+    text_only = raw.get("model_type") == "gemma3_text"  # the 270M and 1B have no vision tower
     torch.manual_seed(0)
     start = time.time()
     with torch.device("cuda"):
-        model = Gemma3ForConditionalGeneration(Gemma3Config(**raw)).to(torch.bfloat16)
+        if text_only:
+            model = Gemma3ForCausalLM(Gemma3TextConfig(**raw)).to(torch.bfloat16)
+        else:
+            model = Gemma3ForConditionalGeneration(Gemma3Config(**raw)).to(torch.bfloat16)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     print(f"random {model_config.name} checkpoint written to {folder} in {time.time() - start:.0f}s", flush=True)
@@ -487,8 +503,8 @@ def main() -> int:
     parser.add_argument(
         "--model-config",
         default=str(CONFIG),
-        help="architecture to build with random weights (default: gemma-3-4b-it; bench/gemma-3-12b-it.config.json "
-        "for FSDP memory scaling)",
+        help="architecture to build with random weights (default: gemma-3-4b-it; bench/gemma-3-270m.config.json for "
+        "the 270M's speed, bench/gemma-3-12b-it.config.json for FSDP memory scaling)",
     )
     parser.add_argument("--tokenizer", help="folder with the Gemma 3 tokenizer (default: the embedded one)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
@@ -521,7 +537,9 @@ def main() -> int:
         )
     results = []
     for name in args.only or list(SETUPS):
-        steps = min(args.steps, 8) if name == "original" else args.steps  # ~1 s per 4 short rows: keep it short
+        steps = (
+            min(args.steps, 8) if name.startswith("original") else args.steps
+        )  # ~1 s per 4 short rows: keep it short
         launcher = SETUPS[name][3]
         prefix = (
             [sys.executable] if launcher is None else [sys.executable, "-m", "accelerate.commands.launch", *launcher]

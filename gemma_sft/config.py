@@ -116,6 +116,13 @@ class SpeedArguments:
         default=True,
         metadata={"help": "Apply the query/key norms in the projection's stored layout, skipping two copies."},
     )
+    merge_micro_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Unpacked, with gradient accumulation: run several accumulated micro-batches as one padded batch "
+            "(same samples and loss per optimizer step, up to 16,384 padded tokens; gemma_sft/trainer.py)."
+        },
+    )
     fast_answer_mask: bool = field(
         default=True,
         metadata={

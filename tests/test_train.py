@@ -302,3 +302,49 @@ def test_set_up_objects_are_out_of_the_garbage_collectors_view_while_training(tm
     trainer.train()
     assert len(probe.counts) == 2 and min(probe.counts) > before + 10_000  # the interpreter's heap, model included
     assert gc.get_freeze_count() == before
+
+
+def test_merged_micro_batches_learn_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir):
+    """Unpacked rows, one per micro-batch and four accumulated, run as one padded batch of four: the same samples in
+    each optimizer step and the same loss, so the same adapter; off, the micro-batches stay apart."""
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(14))  # 3 full steps and a last step of 2 rows
+    runs = []
+    for merge in ("true", "false"):
+        trainer = train_in_process(
+            monkeypatch,
+            [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
+             str(tmp_path / f"merge-{merge}"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
+             "--packing", "false", "--gradient_accumulation_steps", "4", "--merge_micro_batches", merge,
+             "--optim", "sgd", "--eval_report", "false"],
+        )  # fmt: skip
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        adapter = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        runs.append(
+            (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps, losses, adapter)
+        )
+    (merged_batch, merged_accumulation, merged_losses, merged), (batch, accumulation, losses, apart) = runs
+    assert (merged_batch, merged_accumulation, batch, accumulation) == (4, 1, 1, 4)
+    assert len(merged_losses) == len(losses) == 4
+    assert merged_losses == pytest.approx(losses, rel=1e-5)
+    assert any(p.abs().sum() > 0 for n, p in apart.items() if "lora_B" in n)
+    for name in apart:  # SGD, so that a weight moves in proportion to its gradient (Adam's first steps do not)
+        torch.testing.assert_close(merged[name], apart[name], atol=1e-7, rtol=1e-4)
+
+
+def test_merging_keeps_each_padded_batch_within_its_token_budget():
+    from types import SimpleNamespace
+
+    from gemma_sft.trainer import MERGED_BATCH_TOKENS, merge_micro_batches
+
+    def merged(accumulation, longest, batch=1, packing=False):
+        args = SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                               packing=packing, pad_to_multiple_of=64)  # fmt: skip
+        k = merge_micro_batches(args, longest)
+        assert args.per_device_train_batch_size * args.gradient_accumulation_steps == batch * accumulation
+        assert k == 1 or args.per_device_train_batch_size * -(-longest // 64) * 64 <= MERGED_BATCH_TOKENS
+        return k
+
+    assert merged(4, 830) == 4  # the original settings on Belle rows
+    assert merged(16, 3000) == 4  # 16 x 3,008 would pad past the budget; 4 divides 16 and fits, 8 does not
+    assert merged(6, 4000) == 3 and merged(4, 9000) == 1 and merged(8, 2000, batch=2) == 4
+    assert merged(4, 830, packing=True) == 1 and merged(1, 830) == 1
