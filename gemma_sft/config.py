@@ -72,8 +72,9 @@ class RunArguments:
 
 @dataclass
 class SpeedArguments:
-    """Switches for the speed-ups that replace part of another library (gemma_sft/speedups.py, one entry each).
-    Each keeps the arithmetic; turn one off to compare, or if a library upgrade moved what it replaces."""
+    """Switches for the speed-ups that replace part of another library (gemma_sft/speedups.py, one entry each), and
+    merge_micro_batches, which replaces none. Each keeps the arithmetic; turn one off to compare, or if a library
+    upgrade moved what it replaces."""
 
     fused_qlora: bool = field(
         default=True,

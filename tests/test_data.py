@@ -322,8 +322,14 @@ def test_user_mistakes_exit_2_with_one_line_and_no_output_dir(tmp_path):
 def test_unreachable_hub_names_what_failed_and_how_to_go_local(monkeypatch, tmp_path):
     from gemma_sft import modeling
 
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    # the libraries read the variable when first imported: a worker that imported them earlier would go online
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"dataset 'BelleGroup/train_0\.5M_CN': could not load it .*local"):
         data.load_conversations("BelleGroup/train_0.5M_CN")
     with pytest.raises(UserError, match=r"'google/gemma-3-4b-it': could not load it .*model_name_or_path"):
