@@ -320,10 +320,10 @@ def test_user_mistakes_exit_2_with_one_line_and_no_output_dir(tmp_path):
 
 
 def test_unreachable_hub_names_what_failed_and_how_to_go_local(monkeypatch, tmp_path):
-    from gemma_sft import modeling
-
     import datasets.config
     import huggingface_hub.constants
+
+    from gemma_sft import modeling
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
