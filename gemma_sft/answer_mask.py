@@ -67,11 +67,16 @@ def _token_bytes(backend) -> np.ndarray | None:
     return table
 
 
-def tokenize(tokenizer, conversations: list[list[dict]]) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids and answer masks (1 on each answer and its <end_of_turn>), equal to `reference`'s."""
-    table = token_bytes(tokenizer)
+def tokenize(tokenizer, conversations: list[list[dict]], fast: bool = True) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and answer masks (1 on each answer and its <end_of_turn>), equal to `reference`'s; fast: found
+    from token byte lengths where the tokenizer allows (the fast_answer_mask switch), else transformers' own."""
+    table = token_bytes(tokenizer) if fast else None
     if table is None or not conversations:
         return reference(tokenizer, conversations)
+    return _by_byte_lengths(tokenizer, conversations, table)
+
+
+def _by_byte_lengths(tokenizer, conversations: list[list[dict]], table: np.ndarray):
     from transformers.utils.chat_template_utils import render_jinja_template
 
     texts, spans = render_jinja_template(
@@ -83,10 +88,12 @@ def tokenize(tokenizer, conversations: list[list[dict]]) -> tuple[list[list[int]
     for row, (text, encoding, row_spans) in enumerate(zip(texts, encodings, spans)):
         ids = encoding.ids
         ends = np.cumsum(table[ids])  # the byte offset where each token ends
+        all_ids.append(ids)
         if not ids or _SPACE in text or ends[-1] != len(text.encode()) or any(s >= e for s, e in row_spans):
             unsure.append(row)
-        all_ids.append(ids)
-        masks.append(_mask(text, ends, row_spans))
+            masks.append(None)
+        else:
+            masks.append(_mask(text, ends, row_spans))
     if unsure:
         ids, checked = reference(tokenizer, [conversations[row] for row in unsure])
         for row, row_ids, mask in zip(unsure, ids, checked):

@@ -275,7 +275,7 @@ def tokenize_many(tokenizer, conversations: list[list[dict]], fast_mask: bool = 
     found without character offsets (gemma_sft/answer_mask.py), else transformers' own."""
     if not conversations:
         return []
-    ids, masks = (answer_mask.tokenize if fast_mask else answer_mask.reference)(tokenizer, conversations)
+    ids, masks = answer_mask.tokenize(tokenizer, conversations, fast_mask)
     return [{"input_ids": row_ids, "assistant_masks": mask} for row_ids, mask in zip(ids, masks)]
 
 
@@ -558,7 +558,7 @@ class Column(Sequence):
 
 
 def _tokenize_batch(batch: dict, tokenizer, fast_mask: bool) -> dict:
-    ids, masks = (answer_mask.tokenize if fast_mask else answer_mask.reference)(tokenizer, batch["messages"])
+    ids, masks = answer_mask.tokenize(tokenizer, batch["messages"], fast_mask)
     return {
         "input_ids": ids,
         "assistant_masks": masks,

@@ -84,7 +84,7 @@ def test_the_switch_picks_the_path_and_both_prepare_the_same_rows(tmp_path, toke
     def refuse(*args):
         raise AssertionError("the switched-off path was taken")
 
-    monkeypatch.setattr(answer_mask, "reference" if fast else "tokenize", refuse)
+    monkeypatch.setattr(answer_mask, "reference" if fast else "_by_byte_lengths", refuse)
     conversations = data.load_conversations(str(SAMPLE), cache=False)
     prepared = data.prepare(
         conversations, tokenizer, max_samples=300, eval_samples=20, max_length=512, seed=3, cache=False,
