@@ -141,6 +141,12 @@ SETUPS = {
         ["--packing", "false", "--max_length", "1024", *SDPA_NO_LIGER, "--merge_micro_batches", "false"],
         None,
     ),
+    "original_eager": (
+        "original tool's settings with the decoder stack issued from Python each step (cuda_graphs false)",
+        LOW_MEMORY,
+        ["--packing", "false", "--max_length", "1024", *SDPA_NO_LIGER, "--cuda_graphs", "false"],
+        None,
+    ),
     "original_fast": (
         "original tool's batches (1 sample x accumulation 4, no packing) with the mission recipe's kernels",
         MISSION,
@@ -359,7 +365,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 
         def __init__(self):
             self.times, self.tokens, self.losses, self.first_step_at = [], [], [], None
-            self.gc_seconds, self.alloc_retries = [], []
+            self.gc_seconds, self.alloc_retries, self.captures = [], [], []
             self._t0 = self._seen = self._gc = self._retries = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -382,6 +388,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             self.tokens.append(state.num_input_tokens_seen - self._seen)
             self.gc_seconds.append(round(collecting["seconds"] - self._gc, 3))
             self.alloc_retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0) - self._retries)
+            self.captures.append(graph_captures(kwargs["model"]) - sum(self.captures))  # new CUDA graphs this step
             if getattr(self, "python_profile", None) is not None:
                 self.python_profile.disable()
                 write_python_profile(self.python_profile, self.times[-1], Path(profile_to) / f"python-{name}.txt")
@@ -414,6 +421,25 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     mission_tokens = (
         MISSION_EPOCHS * sum(len(r["input_ids"]) for r in prepared.train) * MISSION_ROWS / len(prepared.train)
     )
+    mission_s = timer.first_step_at - started + warmup_excess + mission_tokens / tok_s
+    graphs = {}
+    # CUDA graphs: steps that replay run at one rate, and each new batch shape costs a capture once. A batch is padded
+    # to its longest row, so a job meets at most one shape per padded row length (per batch size).
+    timed = list(zip(timer.times, timer.tokens, timer.captures))
+    replayed = [(t, n) for t, n, c in timed[warmup:] if c == 0] or [(t, n) for t, n, c in timed if c == 0]
+    if sum(timer.captures) and replayed:
+        replay_rate = sum(n for _, n in replayed) / sum(t for t, _ in replayed)
+        capture_s = statistics.mean(max(0.0, t - n / replay_rate) / c for t, n, c in timed[1:] if c) if any(
+            c for _, _, c in timed[1:]) else 0.0  # fmt: skip
+        multiple = training_args.pad_to_multiple_of or 1
+        shapes = len({-(-len(r["input_ids"]) // multiple) for r in prepared.train})
+        first_step = timer.times[0] - timer.tokens[0] / replay_rate  # its capture and the first call's set-up
+        mission_s = (
+            timer.first_step_at - started + first_step + mission_tokens / replay_rate + (shapes - 1) * capture_s
+        )
+        graphs = {"graph_captures": sum(timer.captures), "step_captures": timer.captures,
+                  "replayed_tokens_per_s": round(replay_rate), "capture_s": round(capture_s, 2),
+                  "mission_shapes": shapes}  # fmt: skip
     return {
         "setup": name,
         "description": SETUPS[name][0],
@@ -434,8 +460,17 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "step_gc_s": timer.gc_seconds,
         "step_alloc_retries": timer.alloc_retries,
         "mission_tokens": round(mission_tokens),
-        "mission_wall_s": round(timer.first_step_at - started + warmup_excess + mission_tokens / tok_s),
+        "mission_wall_s": round(mission_s),
+        **graphs,
     }
+
+
+def graph_captures(model) -> int:
+    """How many batch shapes the model's CUDA graphs (gemma_sft/cuda_graphs.py) have captured so far."""
+    from gemma_sft.cuda_graphs import GraphedStack
+
+    stacks = [m.__dict__.get("forward") for m in model.modules()]
+    return sum(len(stack.captured) for stack in stacks if isinstance(stack, GraphedStack))
 
 
 def write_profile(profiler, step_seconds: float, path: Path) -> None:
@@ -486,8 +521,9 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['setup']} | | failed: {r['error'][:60]} | | | | | | | | | |")
             continue
         loss = f"{r['losses'][0]} -> {r['losses'][-1]}" if r["losses"] else ""
+        replayed = f" ({r['replayed_tokens_per_s']:,} on replayed steps)" if "replayed_tokens_per_s" in r else ""
         lines.append(
-            f"| {r['setup']} | {r['processes']} | {r['tokens_per_s']:,} | {r['tokens_per_s_per_gpu']:,} | "
+            f"| {r['setup']} | {r['processes']} | {r['tokens_per_s']:,}{replayed} | {r['tokens_per_s_per_gpu']:,} | "
             f"{r['tokens_per_step']:,} | {r['startup_s']} | {r.get('warmup_excess_s', '')} | {r['peak_gib']} | "
             f"{r.get('peak_reserved_gib', '')} | {r['mfu_percent']} | {r['mission_wall_s']:,} | {loss} |"
         )
@@ -537,8 +573,7 @@ def main() -> int:
         )
     results = []
     for name in args.only or list(SETUPS):
-        # the original settings take ~1 s per 4 short rows: keep them short
-        steps = min(args.steps, 8) if name.startswith("original") else args.steps
+        steps = args.steps
         launcher = SETUPS[name][3]
         prefix = (
             [sys.executable] if launcher is None else [sys.executable, "-m", "accelerate.commands.launch", *launcher]

@@ -1,4 +1,4 @@
-"""Two changes to Gemma 3's attention for training speed; neither changes the arithmetic.
+"""Gemma 3's attention in training: two changes for speed (neither changes the arithmetic) and one kernel avoided.
 
 - The query and key norms act on each head's vector, the last dimension. Gemma 3 applies them after transposing the
   projections to (batch, heads, tokens, head_dim), a strided view of what the projection wrote; Liger's RMSNorm then
@@ -6,7 +6,10 @@
   view through the layout it is stored in skips those copies.
 - flex_attention's backward kernel for Gemma 3's 256-wide heads runs faster with 8 warps than with the 4 PyTorch picks
   on H100/H200 (bench/flex_probe.py).
+- sdpa trains with PyTorch's memory-efficient kernels instead of cuDNN's (avoid_cudnn_attention).
 """
+
+import torch
 
 FLEX_BACKWARD_OPTIONS = {(9, 0): {256: {"bwd_num_warps": 8}}}  # compute capability -> head_dim -> kernel options
 
@@ -26,3 +29,18 @@ def in_stored_layout(norm_forward):
 
     forward.in_stored_layout = True
     return forward
+
+
+def avoid_cudnn_attention(attn_implementation: str) -> bool:
+    """Turn off cuDNN's scaled-dot-product attention for training with sdpa on a GPU; True where it did.
+
+    Since torch 2.11 (checked on 2.11 and 2.13) cuDNN is sdpa's first choice on H100/H200, and its backward pass
+    returns NaN query gradients when a mask is given, the length is 64 more than a multiple of 128 and some query row
+    attends to nothing, or nearly nothing (pytorch/pytorch#196678). Padded batches of unpacked rows meet all three: a
+    padding position past the end of a short row has no key in its sliding window. The loss stays finite and every
+    weight becomes NaN at the next optimizer step. The memory-efficient kernels compute the same attention.
+    """
+    if attn_implementation != "sdpa" or not torch.cuda.is_available():
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True

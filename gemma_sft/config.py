@@ -131,6 +131,14 @@ class SpeedArguments:
             "character offsets (gemma_sft/answer_mask.py): the same ids and mask, tokenized sooner."
         },
     )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "Unpacked rows on one GPU: capture the language model's forward and backward passes as CUDA "
+            "graphs once per batch shape and replay them, instead of issuing each layer's kernels from Python on "
+            "every step (gemma_sft/cuda_graphs.py)."
+        },
+    )
     fsdp_checkpoint_fixes: bool = field(
         default=True,
         metadata={"help": "Under FSDP: make checkpoints hold and restore the adapter and the optimizer's state."},
@@ -153,8 +161,9 @@ SAMPLING_KEYS = (
     "system_prompt", "drop_overlong", "model_name_or_path", "eval_dataset_name", "dataset_num_proc",
     "dataset_streaming", "data_cache", "fast_answer_mask",
 )  # fmt: skip
-# Unpacked batches are padded to a multiple of this: few shapes, little padding.
-UNPACKED_PAD = 64
+# Unpacked batches are padded to a multiple of this: few shapes (few CUDA graphs to capture), little padding, and
+# never a length of 64 more than a multiple of 128, where cuDNN's attention backward can return NaN (attention.py).
+UNPACKED_PAD = 128
 
 
 class RecipeParser(TrlParser):

@@ -8,13 +8,14 @@ computes is its own module's (fused_qlora, output_head, attention); this module 
 """
 
 import functools
+import os
 from dataclasses import dataclass
 from importlib import metadata
 
 import torch
 from transformers import TrainerCallback
 
-from gemma_sft import UserError, attention, fused_qlora, modeling
+from gemma_sft import UserError, attention, cuda_graphs, fused_qlora, modeling
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,20 @@ def create_optimizer_state(optimizer) -> None:
         p.grad = grad
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# cuda_graphs: each Gemma 3 text model's forward, while training on unpacked rows -> replayed CUDA graphs
+# ---------------------------------------------------------------------------------------------------------------
+def _cuda_graphs_apply(speed, training_args, model_args) -> bool:
+    # packed rows are long and one shape, so the GPU's work covers the host's; several processes (DDP, FSDP, ZeRO-3)
+    # and torch.compile are untried with graphs
+    return (
+        not training_args.packing
+        and torch.cuda.is_available()
+        and not training_args.torch_compile
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    )
+
+
 def _nothing() -> None:
     pass
 
@@ -291,6 +306,8 @@ SPEEDUPS = [
             "5.17.0", _nothing, _nothing, on_train_begin=qk_norm_in_stored_layout),
     Speedup("fast_answer_mask", "transformers' apply_chat_template(return_assistant_tokens_mask=True)",
             "transformers", "5.17.0", _nothing, _nothing),  # data preparation reads the switch (answer_mask.py)
+    Speedup("cuda_graphs", "the forward of each Gemma3TextModel while it trains on unpacked rows", "transformers",
+            "5.17.0", _nothing, _nothing, _cuda_graphs_apply, cuda_graphs.graph_text_models),
     Speedup("fsdp_checkpoint_fixes",
             "peft's private _get_tuner_state_dict_key_prefixes, peft.set_peft_model_state_dict, "
             "transformers.trainer.load_fsdp_optimizer", "peft", "0.21.2",

@@ -106,7 +106,7 @@ def build_trainer(training_args, model_args, prepared, tokenizer, speed=None, ca
     on) picks the speed-ups (gemma_sft/speedups.py)."""
     from trl import get_peft_config
 
-    from gemma_sft import modeling, speedups
+    from gemma_sft import attention, modeling, speedups
     from gemma_sft.config import SpeedArguments
 
     speed = speed or SpeedArguments()
@@ -117,6 +117,7 @@ def build_trainer(training_args, model_args, prepared, tokenizer, speed=None, ca
             print(f"Unpacked rows: {k} accumulated micro-batches run as one padded batch of "
                   f"{training_args.per_device_train_batch_size} (same samples and loss per optimizer step; "
                   "--merge_micro_batches false keeps them apart)", flush=True)  # fmt: skip
+    attention.avoid_cudnn_attention(model_args.attn_implementation)
     model = modeling.load_model(modeling.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
     if training_args.torch_compile:
         # Compile one decoder layer and reuse it for every layer (accelerate's regional compilation, which accelerate

@@ -77,3 +77,15 @@ def test_flex_attention_gets_the_measured_options_on_the_measured_cards(
     tuned(None, torch.zeros(1, 8, 16, 256), None, None, None)  # CPU: untouched
     assert [call.get("kernel_options") for call in calls] == [expected, {"BLOCK_M": 32}, None]
     assert calls[0]["scaling"] == 0.1
+
+
+def test_sdpa_training_on_a_gpu_turns_cudnn_attention_off(monkeypatch):
+    """cuDNN's attention backward returns NaN gradients for some padded batches (attention.avoid_cudnn_attention):
+    training with sdpa on a GPU turns that kernel off; flex_attention and the CPU leave the setting alone."""
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not attention.avoid_cudnn_attention("flex_attention") and calls == []
+    assert attention.avoid_cudnn_attention("sdpa") and calls == [False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not attention.avoid_cudnn_attention("sdpa") and calls == [False]

@@ -164,11 +164,11 @@ def test_lora_targets_the_language_model_only_with_the_expected_parameter_count(
 
 
 def test_unpacked_runs_drop_the_packed_row_shape_and_flex_attention():
-    """`--packing false` on a packed recipe pads each batch to a multiple of 64, not to the 16,384-token row, and
+    """`--packing false` on a packed recipe pads each batch to a multiple of 128, not to the 16,384-token row, and
     uses sdpa (flex_attention would compile again for each new length); flags given on the command line win."""
     _, args, model_args, resolved, *_ = config.parse([MISSION, "--packing", "false", "--dry_run"])
-    assert args.pad_to_multiple_of == config.UNPACKED_PAD == 64 and model_args.attn_implementation == "sdpa"
-    assert resolved["pad_to_multiple_of"] == 64 and resolved["attn_implementation"] == "sdpa"
+    assert args.pad_to_multiple_of == config.UNPACKED_PAD == 128 and model_args.attn_implementation == "sdpa"
+    assert resolved["pad_to_multiple_of"] == 128 and resolved["attn_implementation"] == "sdpa"
     _, args, model_args, _, *_ = config.parse([MISSION, "--packing", "false", "--pad_to_multiple_of", "4096",
                                            "--attn_implementation", "flex_attention", "--dry_run"])  # fmt: skip
     assert args.pad_to_multiple_of == 4096 and model_args.attn_implementation == "flex_attention"

@@ -1,0 +1,187 @@
+"""CUDA graphs for training on unpacked rows: the decoder stack's forward and backward passes replayed, not re-issued.
+
+Unpacked rows make short steps (a few samples of a few hundred tokens). Each step still issues every kernel of every
+layer from Python, about 8,600 launches a step on the 270M, and the GPU finishes them faster than the host issues
+them. Here the language model's body (embedding, decoder layers with their checkpointing, final norm) is captured once
+per batch shape as a pair of CUDA graphs, one for the forward pass and one for the backward pass, and replayed on
+later steps of that shape. The output head, the loss and the optimizer stay eager.
+
+Replays reuse the tensors, weights and random stream of the capture: the same arithmetic, with dropout drawn afresh
+on each replay. All graphs share one memory pool, which is safe because every forward replay is followed by its own
+backward replay before any other graph runs (one training micro-step at a time). Anything else (evaluation, no
+gradients, generation, extra outputs, a cache) runs the model's own forward.
+"""
+
+import torch
+
+from gemma_sft import UserError
+
+MAX_GRAPHS = 64  # batch shapes captured per model; later new shapes run eagerly
+WARMUP_RUNS = 2  # eager passes before a capture: lazy initialisation, Triton compilation, cuBLAS workspaces
+
+
+class _Captured:
+    """One batch shape's graphs with their static inputs, output and gradients."""
+
+    def __init__(self, run, inputs: list, params: list, pool):
+        # leaves of their own, refilled before each replay; a gradient for those that need one (inputs_embeds under
+        # reentrant checkpointing) flows back to the caller's tensor through _Replay
+        self.inputs = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        self.grad_targets = [t for t in self.inputs if t is not None and t.requires_grad] + params
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                out = run(*self.inputs)
+                torch.autograd.grad(out, self.grad_targets, torch.ones_like(out), allow_unused=True)
+                del out
+        torch.cuda.current_stream().wait_stream(side)
+        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=pool):
+            self.output = run(*self.inputs)
+        self.grad_output = torch.empty_like(self.output)
+        with torch.cuda.graph(self.backward_graph, pool=pool):
+            self.grads = torch.autograd.grad(self.output, self.grad_targets, self.grad_output, allow_unused=True)
+        self.output_value = self.output.detach()  # what callers get; the autograd graph of the capture is gone
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, captured, *grad_targets):
+        captured.forward_graph.replay()
+        ctx.captured = captured
+        return captured.output_value.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        captured = ctx.captured
+        captured.grad_output.copy_(grad_output)
+        captured.backward_graph.replay()
+        # the static gradient tensors themselves, not detached views: autograd then adds them into .grad (or copies
+        # them there) instead of taking their memory, which the next replay overwrites
+        return None, *captured.grads
+
+
+class GraphedStack:
+    """The training forward of a transformers Gemma 3 text model, through CUDA graphs where it can be."""
+
+    def __init__(self, text_model):
+        self.text_model = text_model
+        self.own_forward = type(text_model).forward.__get__(text_model)
+        self.captured: dict = {}
+        self.pool = None
+        self.replays = 0
+        self.failed = None  # the capture error, if one failed
+
+    def eligible(self, input_ids, inputs_embeds, past_key_values, use_cache, kwargs) -> bool:
+        x = input_ids if inputs_embeds is None else inputs_embeds
+        return (
+            self.failed is None
+            and self.text_model.training
+            and torch.is_grad_enabled()
+            and x is not None
+            and x.is_cuda
+            and (input_ids is None) != (inputs_embeds is None)
+            and past_key_values is None
+            and not use_cache
+            and not getattr(self.text_model.config, "use_bidirectional_attention", False)
+            and all(value is None or value is False for value in kwargs.values())
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def masks(self, attention_mask, x, position_ids) -> dict:
+        """The per-layer-type masks the model's forward would build, built here, eagerly (they read the padding)."""
+        if isinstance(attention_mask, dict):
+            return dict(attention_mask)
+        from transformers.models.gemma3 import modeling_gemma3 as gemma3
+
+        shape_only = torch.empty((*x.shape[:2], 1), dtype=self.text_model.embed_tokens.weight.dtype, device=x.device)
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        kwargs = dict(
+            config=self.text_model.config,
+            inputs_embeds=shape_only,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        return {
+            "full_attention": gemma3.create_causal_mask(**kwargs),
+            "sliding_attention": gemma3.create_sliding_window_causal_mask(**kwargs),
+        }
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                 inputs_embeds=None, use_cache=None, return_dict=None, **kwargs):  # fmt: skip
+        # return_dict: the output is a ModelOutput either way (transformers 5 text models always return one)
+        if not self.eligible(input_ids, inputs_embeds, past_key_values, use_cache, kwargs):
+            return self.own_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                    **kwargs)  # fmt: skip
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        x = input_ids if inputs_embeds is None else inputs_embeds
+        masks = self.masks(attention_mask, x, position_ids)
+        mask_types = sorted(masks)
+        inputs = [x, position_ids, *(masks[name] for name in mask_types)]
+        key = (
+            inputs_embeds is None,
+            x.requires_grad,
+            torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda"),
+            *(None if t is None else (tuple(t.shape), t.dtype) for t in inputs),
+            tuple(mask_types),
+        )
+        captured = self.captured.get(key)
+        if captured is None:
+            if len(self.captured) >= MAX_GRAPHS:
+                return self.own_forward(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
+                                        inputs_embeds=inputs_embeds, use_cache=False)  # fmt: skip
+            captured = self.capture(key, inputs, inputs_embeds is None, mask_types)
+        with torch.no_grad():
+            for static, value in zip(captured.inputs, inputs):
+                if static is not None:
+                    static.copy_(value)
+        needs_grad = [t for t in inputs if t is not None and t.requires_grad]
+        hidden = _Replay.apply(captured, *needs_grad, *captured.grad_targets[len(needs_grad) :])
+        self.replays += 1
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=None)
+
+    def capture(self, key, inputs, by_ids: bool, mask_types):
+        def run(x, position_ids, *mask_values):
+            given = {"input_ids": x} if by_ids else {"inputs_embeds": x}
+            masks = dict(zip(mask_types, mask_values))
+            return self.own_forward(**given, attention_mask=masks, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state  # fmt: skip
+
+        params = [p for p in self.text_model.parameters() if p.requires_grad]
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # autocast's cache of cast weights would hand tensors of the capture to later eager code: off while capturing
+        autocast = torch.autocast(
+            "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,
+        )  # fmt: skip
+        try:
+            with autocast:
+                captured = _Captured(run, inputs, params, self.pool)
+        except RuntimeError as exc:  # an operation that cannot be captured; the random generator is left mid-capture
+            self.failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            raise UserError(
+                f"cuda_graphs: capturing the model's training pass failed ({self.failed}); pass --cuda_graphs false "
+                "to train without CUDA graphs"
+            ) from exc
+        self.captured[key] = captured
+        return captured
+
+
+def graph_text_models(model) -> int:
+    """Route the training forward of each Gemma 3 text model inside `model` through GraphedStack; returns how many."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
+
+    wrapped = 0
+    for module in model.modules():
+        if isinstance(module, Gemma3TextModel):
+            if not isinstance(module.__dict__.get("forward"), GraphedStack):
+                module.forward = GraphedStack(module)
+            wrapped += 1
+    return wrapped

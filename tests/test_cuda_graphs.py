@@ -1,0 +1,161 @@
+"""CUDA graphs for unpacked training (gemma_sft/cuda_graphs.py): where they apply, and on a GPU that replayed graphs
+compute what the eager model computes, dropout and gradient checkpointing included."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gemma_sft import attention, cuda_graphs, speedups
+from tests.conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
+from tests.test_train import DEMO, train_in_process
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_graphs_apply_to_unpacked_training_in_one_process_on_a_gpu(monkeypatch):
+    def applies(packing=False, gpu=True, world_size="1", compiled=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        args = SimpleNamespace(packing=packing, torch_compile=compiled)
+        return speedups.BY_SWITCH["cuda_graphs"].applies(None, args, None)
+
+    assert applies()
+    assert not applies(packing=True)  # long rows of one shape: the GPU's work already covers the host's
+    assert not applies(gpu=False)
+    assert not applies(world_size="2")
+    assert not applies(compiled=True)
+
+
+def _tiny_lora_model(model_dir, device, dropout, four_bit):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, Gemma3ForCausalLM
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16) if four_bit else None  # fmt: skip
+    dtype = torch.bfloat16 if four_bit else torch.float32
+    model = Gemma3ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quantization,
+                                              attn_implementation="sdpa")  # fmt: skip
+    model.to(device)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
+                                             init_lora_weights=False))  # fmt: skip
+    model.train()
+    return model
+
+
+def _batch(device):
+    torch.manual_seed(1)
+    input_ids = torch.randint(3, 1000, (3, 48), device=device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 30:] = 0  # padded rows, so that the masks are real tensors
+    attention_mask[2, 12:] = 0
+    return input_ids, attention_mask
+
+
+def _loss_and_grads(model, input_ids, attention_mask, seed):
+    model.zero_grad(set_to_none=True)
+    torch.cuda.manual_seed(seed) if input_ids.is_cuda else torch.manual_seed(seed)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    loss = (logits.float().log_softmax(-1)[..., 5] * attention_mask).sum() / attention_mask.sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_off_a_gpu_the_wrapped_model_computes_what_it_computed(tiny_model_dir):
+    model = _tiny_lora_model(tiny_model_dir, "cpu", dropout=0.0, four_bit=False)
+    batch = _batch("cpu")
+    loss, grads = _loss_and_grads(model, *batch, seed=0)
+    assert cuda_graphs.graph_text_models(model) == 1
+    stack = model.base_model.model.model.forward
+    graphed_loss, graphed_grads = _loss_and_grads(model, *batch, seed=0)
+    assert stack.captured == {} and stack.replays == 0  # tensors on the CPU: the model's own forward
+    assert graphed_loss == loss and graphed_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(graphed_grads[name], grads[name], rtol=0, atol=0)
+
+
+@GPU
+def test_replays_match_eager_steps_with_dropout_and_recomputation(tiny_model_dir):
+    """The same random stream gives the replayed graphs the dropout masks of the eager pass, also in the checkpointed
+    layers' recomputation; the first call captures, later calls of that shape replay, a new shape captures again."""
+    speedups.enable("fused_qlora")
+    model = _tiny_lora_model(tiny_model_dir, "cuda", dropout=0.3, four_bit=True)
+    batch = _batch("cuda")
+    eager_loss, eager_grads = _loss_and_grads(model, *batch, seed=7)
+    other_loss, _ = _loss_and_grads(model, *batch, seed=8)
+    assert other_loss != eager_loss  # dropout is drawn: another seed, another loss
+
+    assert cuda_graphs.graph_text_models(model) == 1
+    stack = model.base_model.model.model.forward
+    _loss_and_grads(model, *batch, seed=3)  # captures
+    assert len(stack.captured) == 1 and stack.replays == 1 and stack.failed is None
+    for _ in range(2):
+        graphed_loss, graphed_grads = _loss_and_grads(model, *batch, seed=7)
+        torch.testing.assert_close(graphed_loss, eager_loss, rtol=1e-3, atol=1e-4)
+        assert graphed_grads.keys() == eager_grads.keys()
+        for name in eager_grads:
+            torch.testing.assert_close(graphed_grads[name], eager_grads[name], rtol=2e-2, atol=1e-3)
+    assert len(stack.captured) == 1 and stack.replays == 3
+
+    shorter = tuple(t[:, :40] for t in batch)
+    _loss_and_grads(model, *shorter, seed=7)
+    assert len(stack.captured) == 2
+
+    with torch.no_grad():  # no gradients (evaluation): the model's own forward
+        model(input_ids=batch[0], attention_mask=batch[1])
+    model.eval()
+    model(input_ids=batch[0], attention_mask=batch[1])
+    assert stack.replays == 4
+
+
+@GPU
+def test_graphed_training_learns_what_eager_training_learns(tmp_path, monkeypatch, tiny_model_dir):
+    """sft.py on unpacked rows with QLoRA, checkpointing and accumulation: the same losses and adapter with graphs
+    as without (SGD, no dropout), and the graphs were replayed, not only captured."""
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(16))
+    runs = []
+    for graphs in ("true", "false"):
+        trainer = train_in_process(
+            monkeypatch,
+            [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
+             str(tmp_path / f"graphs-{graphs}"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
+             "--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--dtype", "bfloat16", "--bf16", "true",
+             "--packing", "false", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+             "--num_train_epochs", "3", "--gradient_checkpointing", "true", "--cuda_graphs", graphs,
+             "--optim", "sgd", "--eval_report", "false"],
+        )  # fmt: skip
+        stack = trainer.model.base_model.model.model.__dict__.get("forward")
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        adapter = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        runs.append((stack, losses, adapter))
+    (stack, graphed_losses, graphed), (no_stack, losses, eager) = runs
+    assert no_stack is None and isinstance(stack, cuda_graphs.GraphedStack) and stack.failed is None
+    assert len(stack.captured) >= 1 and stack.replays > len(stack.captured)
+    assert graphed_losses == pytest.approx(losses, rel=2e-3)
+    for name in eager:
+        torch.testing.assert_close(graphed[name], eager[name], rtol=2e-2, atol=1e-4)
+
+
+@GPU
+def test_padded_batches_with_rows_that_attend_to_nothing_train_to_finite_gradients(tiny_model_dir):
+    """A padded batch 64 tokens longer than a multiple of 128 whose short row leaves padding positions with no key in
+    their sliding window: the case where cuDNN's attention backward returned NaN (attention.avoid_cudnn_attention).
+    Finite gradients eagerly and through the graphs, and the same ones."""
+    attention.avoid_cudnn_attention("sdpa")
+    speedups.enable("fused_qlora")
+    model = _tiny_lora_model(tiny_model_dir, "cuda", dropout=0.0, four_bit=True)
+    torch.manual_seed(2)
+    input_ids = torch.randint(3, 1000, (2, 576), device="cuda")
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 40:] = 0  # sliding window 8: positions past 47 of row 2 see only padding
+    eager_loss, eager_grads = _loss_and_grads(model, input_ids, attention_mask, seed=0)
+    assert torch.isfinite(eager_loss) and all(torch.isfinite(g).all() for g in eager_grads.values())
+    cuda_graphs.graph_text_models(model)
+    for _ in range(2):  # capture, then replay
+        loss, grads = _loss_and_grads(model, input_ids, attention_mask, seed=0)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-4)
+        for name in eager_grads:
+            torch.testing.assert_close(grads[name], eager_grads[name], rtol=2e-2, atol=1e-3)
