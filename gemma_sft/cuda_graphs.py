@@ -121,6 +121,10 @@ class GraphedStack:
 
         x = input_ids if inputs_embeds is None else inputs_embeds
         masks = self.masks(attention_mask, x, position_ids)
+        if any(mask is not None and not isinstance(mask, torch.Tensor) for mask in masks.values()):
+            # flex_attention's block masks are objects built per batch, not tensors a graph can be refilled with
+            return self.own_forward(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
+                                    inputs_embeds=inputs_embeds, use_cache=False)  # fmt: skip
         mask_types = sorted(masks)
         inputs = [x, position_ids, *(masks[name] for name in mask_types)]
         key = (
