@@ -620,6 +620,23 @@ class PreparedData:
     train_answer_tokens: int = 0  # supervised tokens in all training rows
 
 
+def _skipped_as_overlong(length: int, max_length: int | None, drop_overlong: bool, skipped: Counter) -> bool:
+    """Whether a tokenized row is dropped for its length (then counted in `skipped`)."""
+    if max_length is not None and length > max_length and drop_overlong:
+        skipped[f"longer than max_length={max_length}"] += 1
+        return True
+    return False
+
+
+def _require_more_than_eval(source: str, kept: int, read: str, skipped: Counter, eval_samples: int) -> None:
+    """The one-line error for a dataset with no training row left once the held-out rows are drawn."""
+    if kept <= eval_samples:
+        detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none skipped"
+        raise UserError(
+            f"{source}: only {kept} usable rows {read} ({detail}); need more than eval_samples={eval_samples}"
+        )
+
+
 def prepare(
     conversations: Conversations,
     tokenizer,
@@ -664,8 +681,7 @@ def prepare(
         for j, length in enumerate(row_lengths.tolist()):
             if wanted is not None and kept + len(picked) == wanted:
                 break
-            if max_length is not None and length > max_length and drop_overlong:
-                skipped[f"longer than max_length={max_length}"] += 1
+            if _skipped_as_overlong(length, max_length, drop_overlong, skipped):
                 continue
             picked.append(j)
         parts.append((tokens, rows))
@@ -674,12 +690,7 @@ def prepare(
         answers.append(row_answers[picked])
         kept += len(picked)
 
-    if kept <= eval_samples:
-        detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none skipped"
-        raise UserError(
-            f"{source}: only {kept} usable rows of {conversations.rows_read} ({detail}); "
-            f"need more than eval_samples={eval_samples}"
-        )
+    _require_more_than_eval(source, kept, f"of {conversations.rows_read}", skipped, eval_samples)
     chosen = concatenate_datasets([tokens.select(picked) for (tokens, _), picked in zip(parts, picks)])
     chosen = chosen.select_columns(["input_ids", "assistant_masks"])
     source_rows = [rows[j] for (_, rows), picked in zip(parts, picks) for j in picked]
@@ -777,8 +788,7 @@ def prepare_streaming(
         for (conversation, category), tokens in zip(pending, tokenize_many(tokenizer, conversations, fast_mask)):
             if len(kept) == wanted:
                 break
-            if max_length is not None and len(tokens["input_ids"]) > max_length and drop_overlong:
-                skipped[f"longer than max_length={max_length}"] += 1
+            if _skipped_as_overlong(len(tokens["input_ids"]), max_length, drop_overlong, skipped):
                 continue
             kept.append(tokens)
             messages.append(conversation)
@@ -796,12 +806,7 @@ def prepare_streaming(
         if len(kept) == wanted:
             break
     flush()
-    if len(kept) <= eval_samples:
-        detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none skipped"
-        raise UserError(
-            f"{source}: only {len(kept)} usable rows in {read} read ({detail}); need more than "
-            f"eval_samples={eval_samples}"
-        )
+    _require_more_than_eval(source, len(kept), f"in {read} read", skipped, eval_samples)
     train = kept[eval_samples:]
     return PreparedData(
         source=source,
