@@ -1,0 +1,135 @@
+"""Unsloth's training speed on the same model, rows and tokens per step as bench/bench.py (a reference point).
+
+Runs in its own environment: Unsloth pins its own TRL and datasets (unsloth 2026.10.9 wants trl<=1.15.0,
+datasets<5), so install it apart from requirements.txt, e.g. `pip install unsloth==2026.10.9` in a fresh venv.
+Uses the random checkpoint and Belle-like rows that `python bench/bench.py` builds under --work (it builds them
+itself when missing). Unsloth's fast path: QLoRA r=16, alpha 32 on every attention and MLP projection of the
+language model, LoRA dropout 0, its own gradient checkpointing and compiled kernels, TRL packing padding-free.
+
+    python bench/bench.py --only ours nodrop       # ours first, same work folder
+    python bench/unsloth_reference.py --max_length 16384 --out bench/results-unsloth.json
+
+Figures are computed as bench.py computes them: trained tokens over the time of the steps after the warm-up.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/gemma-sft-bench"))
+    parser.add_argument("--max_length", type=int, default=16384, help="tokens per packed row (= per optimizer step)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state figure")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results-unsloth.json"))
+    args = parser.parse_args()
+
+    started = time.time()
+    import torch
+    import unsloth  # first: it patches transformers, PEFT and TRL as they are imported
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastModel
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench
+
+    if not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint, data_file = work / "gemma-3-4b-it-random", work / "belle_like.jsonl"
+    if not data_file.exists():
+        bench.build_data(data_file)
+    if not checkpoint.exists():
+        from gemma_sft import embedded
+
+        bench.build_checkpoint(checkpoint, embedded.tokenizer_dir(), bench.CONFIG)
+
+    model, processor = FastModel.from_pretrained(
+        str(checkpoint), max_seq_length=args.max_length, dtype=torch.bfloat16, load_in_4bit=True
+    )
+    model = FastModel.get_peft_model(
+        model, finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
+        finetune_mlp_modules=True, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+        use_gradient_checkpointing="unsloth", random_state=0,
+    )  # fmt: skip
+    tokenizer = getattr(processor, "tokenizer", processor)
+    rows = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}],
+            tokenize=False,
+        )
+        for r in rows
+    ]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.tokens, self.losses, self.first_step_at = [], [], [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self._t0, self._seen = time.perf_counter(), state.num_input_tokens_seen
+            self.first_step_at = self.first_step_at or time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._t0)
+            self.tokens.append(state.num_input_tokens_seen - self._seen)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(round(float(logs["loss"]), 4))
+
+    timer = Timer()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        callbacks=[timer],
+        args=SFTConfig(
+            output_dir="/tmp/bench-unsloth", dataset_text_field="text", packing=True, max_length=args.max_length,
+            per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=2e-4, bf16=True,
+            optim="paged_adamw_32bit", max_grad_norm=0.3, max_steps=args.steps, logging_steps=1, report_to="none",
+            save_strategy="no", include_num_input_tokens_seen="non_padding", seed=0,
+        ),
+    )  # fmt: skip
+    trainer.train()
+    steady = list(zip(timer.times[args.warmup :], timer.tokens[args.warmup :]))
+    tok_s = sum(n for _, n in steady) / sum(t for t, _ in steady)
+    result = {
+        "setup": f"unsloth_{args.max_length}",
+        "description": f"unsloth {unsloth.__version__}, one packed row of {args.max_length:,} tokens per step, "
+        "LoRA dropout 0, its gradient checkpointing",
+        "card": torch.cuda.get_device_name(),
+        "tokens_per_s": round(tok_s),
+        "tokens_per_step": round(statistics.median(n for _, n in steady)),
+        "startup_s": round(timer.first_step_at - started, 1),
+        "warmup_excess_s": round(
+            sum(max(0.0, t - n / tok_s) for t, n in zip(timer.times[: args.warmup], timer.tokens[: args.warmup])), 1
+        ),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 1),
+        "losses": timer.losses,
+        "step_s": [round(t, 3) for t in timer.times],
+        "step_tokens": timer.tokens,
+    }
+    Path(args.out).write_text(json.dumps([result], indent=2) + "\n", encoding="utf-8")
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
