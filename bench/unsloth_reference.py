@@ -65,6 +65,8 @@ def main() -> int:
         use_gradient_checkpointing="unsloth", random_state=0,
     )  # fmt: skip
     tokenizer = getattr(processor, "tokenizer", processor)
+    if not tokenizer.chat_template:  # Unsloth's loader can drop it for a checkpoint without a processor config
+        tokenizer.chat_template = (ROOT / "chat_templates" / "gemma3.jinja").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
     texts = [
         tokenizer.apply_chat_template(

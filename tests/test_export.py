@@ -14,6 +14,26 @@ CHINESE = "你好，请用三句话介绍一下北京的历史和文化。"
 MARKED = "<start_of_turn>user\n天气怎么样？<end_of_turn>\n<start_of_turn>model\n晴。<end_of_turn>\n\n\n  空格"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def parse_each_gguf_once():
+    """gguf's reader parses the 262k-entry vocabulary one element at a time (~30 s on 2 cores), and these tests and
+    transformers' GGUF loader open each file several times: each written file is parsed once here."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", reader)
+        yield
+
+
 def export(adapter, output, *flags):
     return run_script("export.py", "--adapter", adapter, "--output", output, *flags)
 
@@ -264,6 +284,7 @@ def f16_270m(adapter_270m, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("export_270m")  # one worker builds the 270M fixtures once
 def test_270m_f16_matches_the_merged_model(f16_270m, merged_270m):
     reference, tokenizer = merged_270m
     gguf = f16_270m / "gemma3-270m-test.gguf"
@@ -283,6 +304,7 @@ def test_270m_f16_matches_the_merged_model(f16_270m, merged_270m):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("export_270m")  # one worker builds the 270M fixtures once
 def test_270m_q8_0_answer_loss_within_1_percent_of_f16(adapter_270m, f16_270m, tmp_path):
     from gemma_sft.data import detect_format, load_records, to_messages
     from gemma_sft.evaluation import answer_loss
@@ -316,6 +338,7 @@ PROMPTS = ["1加1等于几？只回答数字。", "中国的首都是哪里？�
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("export_270m")  # one worker builds the 270M fixtures once
 def test_270m_llama_cpp_greedy_matches_hf(f16_270m, merged_270m):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see the Makefile)")
     reference, tokenizer = merged_270m
