@@ -282,6 +282,11 @@ def flops_per_token(config: dict) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up: random checkpoint and Belle-like data
 # ---------------------------------------------------------------------------------------------------------------
+def work_files(work: Path, model_config: Path) -> tuple[Path, Path]:
+    """Where the random checkpoint of an architecture and the Belle-like rows live under the work folder."""
+    return work / (model_config.name.removesuffix(".config.json") + "-random"), work / "belle_like.jsonl"
+
+
 def build_checkpoint(folder: Path, tokenizer_dir: Path, model_config: Path) -> None:
     import torch
     from transformers import (
@@ -409,14 +414,9 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     processes = trainer.accelerator.num_processes
     if not trainer.is_world_process_zero():
         return {}
-    steady = list(zip(timer.times[warmup:], timer.tokens[warmup:])) or list(zip(timer.times, timer.tokens))
+    tok_s, warmup_excess, tokens_per_step = steady_figures(timer.times, timer.tokens, warmup)
     card = torch.cuda.get_device_name()
     peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in card), 989e12)
-    # all timed steps' tokens over their time: rows of different lengths (the last, part-filled row of each packing
-    # batch) weigh as much as they take
-    tok_s = sum(tokens for _, tokens in steady) / sum(seconds for seconds, _ in steady)
-    # the warm-up steps' time beyond what their tokens take at the steady rate: compilation and other first-step costs
-    warmup_excess = sum(max(0.0, t - n / tok_s) for t, n in zip(timer.times[:warmup], timer.tokens[:warmup]))
     raw = json.loads(model_config.read_text())
     mission_tokens = (
         MISSION_EPOCHS * sum(len(r["input_ids"]) for r in prepared.train) * MISSION_ROWS / len(prepared.train)
@@ -448,7 +448,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "processes": processes,
         "tokens_per_s": round(tok_s),  # all processes together: the Trainer sums tokens seen across ranks
         "tokens_per_s_per_gpu": round(tok_s / processes),
-        "tokens_per_step": round(statistics.median(t for _, t in steady)),
+        "tokens_per_step": tokens_per_step,
         "startup_s": round(timer.first_step_at - started, 1),
         "warmup_excess_s": round(warmup_excess, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
@@ -463,6 +463,17 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "mission_wall_s": round(mission_s),
         **graphs,
     }
+
+
+def steady_figures(times: list[float], tokens: list[int], warmup: int) -> tuple[float, float, int]:
+    """Tokens/s of the steps after the warm-up, the warm-up steps' time beyond that rate, and the median step's tokens.
+
+    All timed steps' tokens over their time: rows of different lengths (the last, part-filled row of each packing
+    batch) weigh as much as they take. The warm-up extra is compilation and other first-step costs."""
+    steady = list(zip(times[warmup:], tokens[warmup:])) or list(zip(times, tokens))
+    tok_s = sum(n for _, n in steady) / sum(t for t, _ in steady)
+    warmup_excess = sum(max(0.0, t - n / tok_s) for t, n in zip(times[:warmup], tokens[:warmup]))
+    return tok_s, warmup_excess, round(statistics.median(n for _, n in steady))
 
 
 def graph_captures(model) -> int:
@@ -554,8 +565,7 @@ def main() -> int:
         return 2
     work = Path(args.work)
     model_config = Path(args.model_config).resolve()
-    checkpoint = work / (model_config.name.removesuffix(".config.json") + "-random")
-    data_file = work / "belle_like.jsonl"
+    checkpoint, data_file = work_files(work, model_config)
     if args.run:
         result = run_one(args.run, checkpoint, data_file, args.steps, args.warmup, model_config)
         if result:  # rank 0 only

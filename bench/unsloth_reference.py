@@ -9,13 +9,13 @@ language model, LoRA dropout 0, its own gradient checkpointing and compiled kern
     python bench/bench.py --only ours nodrop       # ours first, same work folder
     python bench/unsloth_reference.py --max_length 16384 --out bench/results-unsloth.json
 
-Figures are computed as bench.py computes them: trained tokens over the time of the steps after the warm-up.
+Figures are computed by bench.py's own `steady_figures`: trained tokens over the time of the steps after the
+warm-up.
 """
 
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,7 +48,7 @@ def main() -> int:
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint, data_file = work / "gemma-3-4b-it-random", work / "belle_like.jsonl"
+    checkpoint, data_file = bench.work_files(work, bench.CONFIG)
     if not data_file.exists():
         bench.build_data(data_file)
     if not checkpoint.exists():
@@ -109,19 +109,16 @@ def main() -> int:
         ),
     )  # fmt: skip
     trainer.train()
-    steady = list(zip(timer.times[args.warmup :], timer.tokens[args.warmup :]))
-    tok_s = sum(n for _, n in steady) / sum(t for t, _ in steady)
+    tok_s, warmup_excess, tokens_per_step = bench.steady_figures(timer.times, timer.tokens, args.warmup)
     result = {
         "setup": f"unsloth_{args.max_length}",
         "description": f"unsloth {unsloth.__version__}, one packed row of {args.max_length:,} tokens per step, "
         "LoRA dropout 0, its gradient checkpointing",
         "card": torch.cuda.get_device_name(),
         "tokens_per_s": round(tok_s),
-        "tokens_per_step": round(statistics.median(n for _, n in steady)),
+        "tokens_per_step": tokens_per_step,
         "startup_s": round(timer.first_step_at - started, 1),
-        "warmup_excess_s": round(
-            sum(max(0.0, t - n / tok_s) for t, n in zip(timer.times[: args.warmup], timer.tokens[: args.warmup])), 1
-        ),
+        "warmup_excess_s": round(warmup_excess, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 1),
         "losses": timer.losses,
