@@ -8,74 +8,10 @@
 In the chat: /reset clears the conversation, /base and /adapter switch models, /exit (or Ctrl-D) quits.
 """
 
-import argparse
-import contextlib
+from gemma_sft.commands.chat import RUN_OPTIONS, main
+from gemma_sft.errors import run
 
-from gemma_sft import run
-
-COMMANDS = "/reset clears the conversation, /base and /adapter switch models, /exit quits"
-
-
-def reply(model, tokenizer, messages, use_base: bool, max_new_tokens: int, temperature: float, stream=True) -> str:
-    """Generate the next model turn, streamed to stdout, stopping at <end_of_turn>."""
-    import torch
-    from transformers import TextStreamer
-
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    ids = {key: value.to(next(model.parameters()).device) for key, value in ids.items()}
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
-    )
-    adapter_off = model.disable_adapter() if use_base else contextlib.nullcontext()
-    with adapter_off, torch.no_grad():
-        output = model.generate(**ids, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
-    return tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from gemma_sft import modeling
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="output_dir of a finished sft.py run")
-    parser.add_argument("--base", action="store_true", help="talk to the base model (adapter disabled)")
-    parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--prompt", help="answer this one prompt and exit")
-    parser.add_argument("--max_new_tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    args = parser.parse_args(argv)
-
-    model, tokenizer, _ = modeling.load_for_inference(args.adapter)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    use_base = args.base
-    if args.prompt is not None:
-        reply(model, tokenizer, [*system, {"role": "user", "content": args.prompt}], use_base, args.max_new_tokens,
-              args.temperature)  # fmt: skip
-        print()
-        return 0
-
-    print(f"Chatting with the {'base model' if use_base else 'adapter'}. {COMMANDS}.", flush=True)
-    history: list[dict] = []
-    while True:
-        try:
-            line = input("\n你> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if line in ("/exit", "/quit"):
-            return 0
-        if line in ("/reset", "/base", "/adapter"):
-            history = [] if line == "/reset" else history
-            use_base = {"/base": True, "/adapter": False}.get(line, use_base)
-            print(f"[{'conversation cleared' if line == '/reset' else 'now: ' + line[1:]}]")
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        print("模型> ", end="", flush=True)
-        answer = reply(model, tokenizer, [*system, *history], use_base, args.max_new_tokens, args.temperature)
-        history.append({"role": "assistant", "content": answer})
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    run(main)
+    run(main, **RUN_OPTIONS)

@@ -336,7 +336,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     import torch
     from transformers import TrainerCallback
 
-    from gemma_sft import config, data, modeling
+    from gemma_sft import config, data, models
     from gemma_sft.trainer import build_trainer
 
     started = time.time()
@@ -350,7 +350,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     )  # fmt: skip
     training_args, model_args, resolved = parsed.training, parsed.model, parsed.resolved
     training_args.include_num_input_tokens_seen = "non_padding"
-    tokenizer = modeling.load_tokenizer(str(checkpoint), training_args.chat_template_path)
+    tokenizer = models.load_tokenizer(str(checkpoint), training_args.chat_template_path)
     prepared = data.prepare_from_settings(resolved, tokenizer)
     prepared.eval = []
 
@@ -477,8 +477,8 @@ def steady_figures(times: list[float], tokens: list[int], warmup: int) -> tuple[
 
 
 def graph_captures(model) -> int:
-    """How many batch shapes the model's CUDA graphs (gemma_sft/cuda_graphs.py) have captured so far."""
-    from gemma_sft.cuda_graphs import GraphedStack
+    """How many batch shapes the model's CUDA graphs (gemma_sft/patches/cuda_graphs.py) have captured so far."""
+    from gemma_sft.patches.cuda_graphs import GraphedStack
 
     stacks = [m.__dict__.get("forward") for m in model.modules()]
     return sum(len(stack.captured) for stack in stacks if isinstance(stack, GraphedStack))
@@ -576,7 +576,7 @@ def main() -> int:
     if not data_file.exists():
         build_data(data_file)
     if not checkpoint.exists():
-        from gemma_sft import embedded
+        from gemma_sft.models import embedded
 
         build_checkpoint(
             checkpoint, Path(args.tokenizer) if args.tokenizer else embedded.tokenizer_dir(), model_config

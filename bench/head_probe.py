@@ -1,5 +1,5 @@
 """Time the output head's forward + backward for one step's supervised tokens of gemma-3-4b-it (2,560 wide, 262,208
-words, bf16): TRL's chunked head against gemma_sft/output_head.py, per tile size and row-kernel setting; peak memory
+words, bf16): TRL's chunked head against patches/output_head.py, per tile size and row-kernel setting; peak memory
 above the inputs. On a GPU: python bench/head_probe.py [tokens]"""
 
 import json
@@ -11,7 +11,7 @@ import torch
 from trl.kernels import ChunkedLogProbFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gemma_sft import output_head
+from gemma_sft.patches import output_head
 
 TOKENS = int(sys.argv[1]) if len(sys.argv) > 1 else 22000
 WIDTH, VOCAB = 2560, 262208

@@ -1,4 +1,4 @@
-"""Time the LoRA dropout kernels (gemma_sft/lora_dropout.py) at the mission's shapes for a few block sizes, against
+"""Time the LoRA dropout kernels (patches/lora_dropout.py) at the mission's shapes for a few block sizes, against
 cuBLAS doing the same products without dropout. On a GPU: python bench/kernel_probe.py"""
 
 import functools
@@ -11,7 +11,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gemma_sft import lora_dropout as kernels
+from gemma_sft.patches import lora_dropout as kernels
 
 ROWS, RANK, P = 32768, 16, 0.1
 

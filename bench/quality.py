@@ -91,13 +91,13 @@ def setup_args(name: str, args) -> list[str]:
 def run_one(name: str, args, started: float) -> dict:
     from transformers import TrainerCallback
 
-    from gemma_sft import config, data, evaluation, modeling
+    from gemma_sft import config, data, inference, models
     from gemma_sft.trainer import build_trainer
 
     recipe = config.parse(setup_args(name, args))
     training_args, model_args, resolved = recipe.training, recipe.model, recipe.resolved
-    tokenizer = modeling.load_tokenizer(
-        modeling.resolve_tokenizer(model_args.model_name_or_path), training_args.chat_template_path
+    tokenizer = models.load_tokenizer(
+        models.resolve_tokenizer(model_args.model_name_or_path), training_args.chat_template_path
     )
     prepared = data.prepare_from_settings(resolved, tokenizer)
     held_out, categories = prepared.eval_messages, prepared.eval_categories
@@ -116,14 +116,14 @@ def run_one(name: str, args, started: float) -> dict:
         def measure(self, model, state):
             wall = time.time() - started - self.measuring_s
             begin = time.time()
-            with evaluation.unpacked_attention(model):
-                result = evaluation.answer_loss(model, tokenizer, held_out)
+            with inference.unpacked_attention(model):
+                result = inference.answer_loss(model, tokenizer, held_out)
             model.train()
             self.measuring_s += time.time() - begin
             self.points.append({
                 "step": state.global_step, "epoch": round(state.epoch or 0.0, 3), "wall_s": round(wall, 1),
                 "tokens": state.num_input_tokens_seen, "loss": round(result["loss"], 5),
-                "categories": {k: round(v, 5) for k, v in evaluation.by_category(result, categories).items()},
+                "categories": {k: round(v, 5) for k, v in inference.by_category(result, categories).items()},
             })  # fmt: skip
             print(f"{name}: step {state.global_step}, {wall:.0f} s, held-out loss {result['loss']:.4f}", flush=True)
             partial.write_text(json.dumps(self.points, ensure_ascii=False), encoding="utf-8")  # kept if cut short

@@ -52,7 +52,7 @@ def main() -> int:
     if not data_file.exists():
         bench.build_data(data_file)
     if not checkpoint.exists():
-        from gemma_sft import embedded
+        from gemma_sft.models import embedded
 
         bench.build_checkpoint(checkpoint, embedded.tokenizer_dir(), bench.CONFIG)
 

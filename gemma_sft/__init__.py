@@ -1,15 +1,30 @@
-"""Shared code for the Gemma 3 QLoRA recipes: recipe parsing, data, model loading and evaluation."""
+"""QLoRA instruction fine-tuning of Gemma 3 on TRL: the package behind sft.py, evaluate.py, chat.py, merge.py,
+export.py, webui.py and the `gemma-sft` command.
+
+    config, plan     the typed recipe, and every setting derived from it and the machine (one function, printed)
+    data/            rows -> chat messages -> tokens with the answer mask -> held-out and training rows
+    models/          tokenizer with our chat template, base model (4-bit or not), the embedded Gemma 3 270M
+    patches/         each replacement of another library's code, with its switch and checked version
+    trainer          TRL's SFTTrainer with the patches and guards
+    inference/       scoring, generation and the base-vs-adapter report
+    export/          merging into a 16-bit base, GGUF files, serving
+    outputs, publish what a run writes, and how (atomically, one run per folder)
+"""
 
 import logging
 import os
-import sys
 from pathlib import Path
+
+from gemma_sft.errors import UserError, hub_error, run
+
+__all__ = ["PACKAGE_DIR", "REPO_ROOT", "UserError", "cache_dir", "hub_error", "run"]
 
 # bitsandbytes looks for an optional CPU kernel on the Hugging Face kernel hub at import and warns when it can't:
 # its built-in CPU path is used instead, so the warning is only noise (and confusing offline).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent  # a checkout's root: recipes/ and data/ are found there (or from the working folder)
 
 
 def cache_dir() -> Path:
@@ -19,39 +34,3 @@ def cache_dir() -> Path:
         or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma-sft"
     )
     return Path(root)
-
-
-OUT_OF_MEMORY = "README.md, Troubleshooting, says what uses less"
-
-
-class UserError(Exception):
-    """A mistake in the user's recipe, flags or data: printed as one line, exit status 2, no traceback."""
-
-
-def hub_error(what: str, name: str, exc: Exception, local: str, download: str) -> UserError:
-    """Something could not be fetched from the Hugging Face Hub: one line with the reason and what to do offline."""
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return UserError(
-        f"{what} '{name}': could not load it ({reason}). Offline? Download it on a connected machine (`{download}`) "
-        f"and set {local}; in mainland China set HF_ENDPOINT to a Hub mirror; gated Gemma models also need "
-        "`hf auth login`."
-    )
-
-
-def run(main, on_interrupt: str = "interrupted", on_out_of_memory: str = OUT_OF_MEMORY) -> None:
-    """Run an entry script's main(): a user mistake prints one line and exits 2, running out of GPU memory prints one
-    line with what to change and exits 1, Ctrl-C exits 130."""
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(on_interrupt, file=sys.stderr)
-        sys.exit(130)
-    except Exception as error:
-        if type(error).__name__ != "OutOfMemoryError":  # torch's, matched by name: no torch import on every path
-            raise
-        what = next((line.strip() for line in str(error).splitlines() if line.strip()), "no details")
-        print(f"error: out of GPU memory ({what.rstrip('.')}); {on_out_of_memory}", file=sys.stderr)
-        sys.exit(1)

@@ -72,7 +72,7 @@ class RunArguments:
 
 @dataclass
 class SpeedArguments:
-    """Switches for the speed-ups that replace part of another library (gemma_sft/speedups.py, one entry each), and
+    """Switches for the speed-ups that replace part of another library (patches/registry.py, one entry each), and
     merge_micro_batches, which replaces none. Each keeps the arithmetic; turn one off to compare, or if a library
     upgrade moved what it replaces."""
 
@@ -80,7 +80,7 @@ class SpeedArguments:
         default=True,
         metadata={
             "help": "Train each 4-bit LoRA layer as one autograd function instead of PEFT's chain of small kernels "
-            "(gemma_sft/fused_qlora.py). Not under FSDP or DeepSpeed ZeRO-3."
+            "(gemma_sft/patches/fused_qlora.py). Not under FSDP or DeepSpeed ZeRO-3."
         },
     )
     lora_dropout_in_kernels: bool = field(
@@ -102,7 +102,7 @@ class SpeedArguments:
         default=True,
         metadata={
             "help": "Compute the output head's gradient in its forward pass instead of projecting onto the "
-            "vocabulary again in the backward pass (gemma_sft/output_head.py)."
+            "vocabulary again in the backward pass (gemma_sft/patches/output_head.py)."
         },
     )
     pack_in_one_pass: bool = field(
@@ -128,7 +128,7 @@ class SpeedArguments:
         default=True,
         metadata={
             "help": "Find the answer tokens from each token's length in bytes instead of asking the tokenizer for "
-            "character offsets (gemma_sft/answer_mask.py): the same ids and mask, tokenized sooner."
+            "character offsets (gemma_sft/data/answer_mask.py): the same ids and mask, tokenized sooner."
         },
     )
     cuda_graphs: bool = field(
@@ -136,7 +136,7 @@ class SpeedArguments:
         metadata={
             "help": "Unpacked rows on one GPU: capture the language model's forward and backward passes as CUDA "
             "graphs once per batch shape and replay them, instead of issuing each layer's kernels from Python on "
-            "every step (gemma_sft/cuda_graphs.py)."
+            "every step (gemma_sft/patches/cuda_graphs.py)."
         },
     )
     fsdp_checkpoint_fixes: bool = field(

@@ -1,8 +1,13 @@
-"""What `make train` runs: the mission recipe on one CUDA GPU (its low-memory form on a small card), the embedded 270M
-demo on CPU otherwise."""
+"""The machine and the launch: what `make train` runs here (the mission recipe on one CUDA GPU, its low-memory form
+on a small card, the embedded 270M demo on CPU), which adapter the verbs after it use, and the checks of a launch
+(precision, GPUs per process, FSDP and ZeRO-3)."""
 
+import os
 import shlex
 import sys
+from pathlib import Path
+
+from gemma_sft.errors import UserError
 
 MISSION = "recipes/gemma3_belle.yaml"
 LOW_MEMORY = "recipes/gemma3_belle_low_memory.yaml"
@@ -28,17 +33,106 @@ def train_command(recipe: str | None, has_cuda: bool, gpu_gib: float = 0.0) -> l
     return [sys.executable, "sft.py", recipe]
 
 
-def main(argv: list[str]) -> int:
-    """`python -m gemma_sft.hardware [RECIPE]` trains with the chosen recipe and returns its exit status;
-    `--print` only prints the command."""
-    import subprocess
+def trained_adapter(recipe: str | None, has_cuda: bool, gpu_gib: float = 0.0) -> str:
+    """The output_dir that `make train` (with the same RECIPE) writes on this machine: the verbs after it default to
+    that adapter."""
+    import yaml
 
+    path = recipe or default_recipe(has_cuda, gpu_gib)
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        values = {}
+    return str(values.get("output_dir") or "outputs") if isinstance(values, dict) else "outputs"
+
+
+def check_precision(training_args, model_args) -> None:
+    """Gemma 3 overflows in fp16; bf16 needs hardware support."""
     import torch
 
-    only_print = "--print" in argv
-    argv = [arg for arg in argv if arg != "--print"]
+    if getattr(training_args, "fp16", False) or model_args.dtype == "float16":
+        raise UserError("fp16 overflows Gemma 3 (NaN losses): set bf16: true and dtype: bfloat16 instead")
+    wants_bf16 = training_args.bf16 or model_args.dtype == "bfloat16"
+    if wants_bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"bf16 is not supported by {torch.cuda.get_device_name()}: use an Ampere or newer GPU, "
+            "or set bf16: false and dtype: float32 (slow, but correct)"
+        )
+
+
+def fsdp_launch() -> bool:
+    """Whether `accelerate launch` started this process with an FSDP config (accelerate_configs/fsdp_qlora.yaml)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def zero3_launch() -> bool:
+    """Whether `accelerate launch` started this process with ZeRO-3 (accelerate_configs/deepspeed_zero3.yaml)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
+def sharded_launch() -> bool:
+    """Whether the model's weights are sharded across processes (FSDP or ZeRO-3)."""
+    return fsdp_launch() or zero3_launch()
+
+
+def check_launch(model_args, training_args) -> None:
+    """One GPU per process, and when the model is sharded (FSDP, ZeRO-3): GPUs, 4-bit weights in a float dtype, and
+    under FSDP with checkpoints an optimizer whose state FSDP can save."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # the Trainer would fall back to nn.DataParallel
+        raise UserError(
+            f"{gpus} GPUs are visible to one process: for data parallelism launch `accelerate launch "
+            f"--config_file accelerate_configs/multi_gpu.yaml --num_processes {gpus} sft.py ...`; "
+            "for one GPU set CUDA_VISIBLE_DEVICES=0"
+        )
+    sharding = "FSDP" if fsdp_launch() else "DeepSpeed ZeRO-3" if zero3_launch() else None
+    if sharding is None:
+        return
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{sharding} needs CUDA GPUs; on CPU, launch with `accelerate launch --multi_gpu --num_processes N` "
+            "and pass --use_cpu true (data parallel over gloo)"
+        )
+    if model_args.load_in_4bit and model_args.bnb_4bit_quant_storage not in ("bfloat16", "float16", "float32"):
+        config = "fsdp_qlora.yaml" if sharding == "FSDP" else "deepspeed_zero3.yaml"
+        raise UserError(
+            f"{sharding} shards floating-point tensors only: store the 4-bit weights in bf16 with "
+            f"--bnb_4bit_quant_storage bfloat16 (see accelerate_configs/{config})"
+        )
+    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    checkpoints = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
+    if sharding == "FSDP" and checkpoints and any(tag in optim for tag in ("bnb", "8bit", "32bit")):
+        # bitsandbytes keeps its state in a nested dict that FSDP's optimizer checkpointing cannot shard or restore
+        raise UserError(
+            f"FSDP checkpoints cannot hold the state of bitsandbytes' optimizer ({optim}): pass --optim adamw_torch "
+            "(the same AdamW; the LoRA weights are small, so paging saves nothing), or --save_strategy no"
+        )
+
+
+def _machine() -> tuple[bool, float]:
+    import torch
+
     cuda = torch.cuda.is_available()
-    gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
+    return cuda, (torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m gemma_sft.hardware [RECIPE]` trains with the chosen recipe and returns its exit status;
+    `--print` only prints the command; `--adapter` prints the folder that training writes."""
+    import subprocess
+
+    only_print, adapter = "--print" in argv, "--adapter" in argv
+    argv = [arg for arg in argv if arg not in ("--print", "--adapter")]
+    cuda, gib = _machine()
+    if adapter:
+        print(trained_adapter(argv[0] if argv and argv[0] else None, cuda, gib))
+        return 0
     chosen = argv[0] if argv and argv[0] else None
     reason = f"a CUDA GPU with {gib:.0f} GiB" if cuda else "no CUDA GPU found: training on CPU"
     print(f"make train: {chosen or default_recipe(cuda, gib)} ({reason})", file=sys.stderr, flush=True)

@@ -103,14 +103,15 @@ def merge_micro_batches(training_args, longest: int) -> int:
 
 def build_trainer(training_args, model_args, prepared, tokenizer, speed=None, callbacks=()) -> GemmaSFTTrainer:
     """The trainer for a recipe's parsed arguments and prepared rows; `speed` (SpeedArguments, default: every switch
-    on) picks the speed-ups (gemma_sft/speedups.py)."""
+    on) picks the speed-ups (gemma_sft/patches/registry.py)."""
     from trl import get_peft_config
 
-    from gemma_sft import attention, modeling, speedups
+    from gemma_sft import models, patches
     from gemma_sft.config import SpeedArguments
+    from gemma_sft.patches import attention
 
     speed = speed or SpeedArguments()
-    speed_callbacks = speedups.install(speed, training_args, model_args)
+    speed_callbacks = patches.install(speed, training_args, model_args)
     if speed.merge_micro_batches and prepared.train_lengths:
         k = merge_micro_batches(training_args, max(prepared.train_lengths))
         if k > 1 and os.environ.get("RANK", "0") == "0":
@@ -118,7 +119,7 @@ def build_trainer(training_args, model_args, prepared, tokenizer, speed=None, ca
                   f"{training_args.per_device_train_batch_size} (same samples and loss per optimizer step; "
                   "--merge_micro_batches false keeps them apart)", flush=True)  # fmt: skip
     attention.avoid_cudnn_attention(model_args.attn_implementation)
-    model = modeling.load_model(modeling.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
+    model = models.load_model(models.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
     if training_args.torch_compile:
         # Compile one decoder layer and reuse it for every layer (accelerate's regional compilation, which accelerate
         # reads from the environment only) rather than tracing the whole model: seconds of compilation instead of

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gemma_sft import REPO_ROOT, embedded
-from gemma_sft.modeling import load_tokenizer
+from gemma_sft import REPO_ROOT
+from gemma_sft.models import embedded, load_tokenizer
 
 SAMPLE = REPO_ROOT / "data" / "belle_sample_zh.jsonl"
 

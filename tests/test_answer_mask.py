@@ -8,7 +8,8 @@ from conftest import REPO_ROOT, SAMPLE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma_sft import answer_mask, data
+from gemma_sft import data
+from gemma_sft.data import answer_mask
 
 
 def _belle_conversations(path):

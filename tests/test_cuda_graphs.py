@@ -1,4 +1,4 @@
-"""CUDA graphs for unpacked training (gemma_sft/cuda_graphs.py): where they apply, and on a GPU that replayed graphs
+"""CUDA graphs for unpacked training (patches/cuda_graphs.py): where they apply, and on a GPU that replayed graphs
 compute what the eager model computes, dropout and gradient checkpointing included."""
 
 from types import SimpleNamespace
@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gemma_sft import attention, cuda_graphs, speedups
+from gemma_sft import patches
+from gemma_sft.patches import attention, cuda_graphs
 from tests.conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
 from tests.test_train import DEMO, train_in_process
 
@@ -18,7 +19,7 @@ def test_graphs_apply_to_unpacked_training_in_one_process_on_a_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
         monkeypatch.setenv("WORLD_SIZE", world_size)
         args = SimpleNamespace(packing=packing, torch_compile=compiled)
-        return speedups.BY_SWITCH["cuda_graphs"].applies(None, args, None)
+        return patches.BY_SWITCH["cuda_graphs"].applies(None, args, None)
 
     assert applies()
     assert not applies(packing=True)  # long rows of one shape: the GPU's work already covers the host's
@@ -81,7 +82,7 @@ def test_off_a_gpu_the_wrapped_model_computes_what_it_computed(tiny_model_dir):
 def test_replays_match_eager_steps_with_dropout_and_recomputation(tiny_model_dir):
     """The same random stream gives the replayed graphs the dropout masks of the eager pass, also in the checkpointed
     layers' recomputation; the first call captures, later calls of that shape replay, a new shape captures again."""
-    speedups.enable("fused_qlora")
+    patches.enable("fused_qlora")
     model = _tiny_lora_model(tiny_model_dir, "cuda", dropout=0.3, four_bit=True)
     batch = _batch("cuda")
     eager_loss, eager_grads = _loss_and_grads(model, *batch, seed=7)
@@ -145,7 +146,7 @@ def test_padded_batches_with_rows_that_attend_to_nothing_train_to_finite_gradien
     their sliding window: the case where cuDNN's attention backward returned NaN (attention.avoid_cudnn_attention).
     Finite gradients eagerly and through the graphs, and the same ones."""
     attention.avoid_cudnn_attention("sdpa")
-    speedups.enable("fused_qlora")
+    patches.enable("fused_qlora")
     model = _tiny_lora_model(tiny_model_dir, "cuda", dropout=0.0, four_bit=True)
     torch.manual_seed(2)
     input_ids = torch.randint(3, 1000, (2, 576), device="cuda")

@@ -214,7 +214,7 @@ def test_the_bundled_sample_draws_the_same_rows_as_before(tokenizer, setting):
 
 
 def test_prepared_rows_are_cached_and_a_change_is_never_served_stale(tmp_path, tokenizer, monkeypatch):
-    from gemma_sft import data_cache
+    from gemma_sft.data import cache
 
     monkeypatch.setenv("GEMMA_SFT_DATA_CACHE", str(tmp_path / "cache"))
     path = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
@@ -246,7 +246,7 @@ def test_prepared_rows_are_cached_and_a_change_is_never_served_stale(tmp_path, t
     rows = data.load_conversations(str(path), cache=False)
     data.prepare(rows, tokenizer, max_samples=0, eval_samples=0, max_length=64, seed=0, cache=False)
     assert not (tmp_path / "unused").exists()
-    assert data_cache.root() == tmp_path / "unused"
+    assert cache.root() == tmp_path / "unused"
 
 
 def test_worker_processes_give_the_same_rows(tmp_path, tokenizer):
@@ -323,7 +323,7 @@ def test_unreachable_hub_names_what_failed_and_how_to_go_local(monkeypatch, tmp_
     import datasets.config
     import huggingface_hub.constants
 
-    from gemma_sft import modeling
+    from gemma_sft import models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
@@ -333,4 +333,4 @@ def test_unreachable_hub_names_what_failed_and_how_to_go_local(monkeypatch, tmp_
     with pytest.raises(UserError, match=r"dataset 'BelleGroup/train_0\.5M_CN': could not load it .*local"):
         data.load_conversations("BelleGroup/train_0.5M_CN")
     with pytest.raises(UserError, match=r"'google/gemma-3-4b-it': could not load it .*model_name_or_path"):
-        modeling.load_tokenizer("google/gemma-3-4b-it")
+        models.load_tokenizer("google/gemma-3-4b-it")

@@ -141,36 +141,37 @@ def test_fsdp_config_wraps_every_decoder_layer(monkeypatch, architecture):
 
 
 def test_launches_that_cannot_work_are_refused_with_the_fix(monkeypatch):
+    import torch
     from trl import ModelConfig
 
-    from gemma_sft import UserError, modeling
+    from gemma_sft import UserError, hardware
 
     four_bit = ModelConfig(load_in_4bit=True)
     mission = SimpleNamespace(optim="paged_adamw_32bit", save_strategy="steps")  # the fields check_launch reads
     fsdp_ready = SimpleNamespace(optim="adamw_torch", save_strategy="steps")
-    modeling.check_launch(four_bit, mission)  # one process, at most one GPU, no FSDP: nothing to refuse
+    hardware.check_launch(four_bit, mission)  # one process, at most one GPU, no FSDP: nothing to refuse
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(UserError, match=r"2 GPUs are visible to one process.*--num_processes 2.*CUDA_VISIBLE_DEVICES"):
-        modeling.check_launch(four_bit, mission)
+        hardware.check_launch(four_bit, mission)
     monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch / torchrun each process takes one GPU
-    modeling.check_launch(four_bit, mission)
+    hardware.check_launch(four_bit, mission)
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"FSDP needs CUDA GPUs; on CPU.*--use_cpu true"):
-        modeling.check_launch(four_bit, mission)
+        hardware.check_launch(four_bit, mission)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(UserError, match="--bnb_4bit_quant_storage bfloat16"):
-        modeling.check_launch(four_bit, mission)
+        hardware.check_launch(four_bit, mission)
     bf16_storage = ModelConfig(load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
     with pytest.raises(UserError, match=r"FSDP checkpoints cannot hold .*paged_adamw_32bit.*--optim adamw_torch"):
-        modeling.check_launch(bf16_storage, mission)
-    modeling.check_launch(bf16_storage, fsdp_ready)
+        hardware.check_launch(bf16_storage, mission)
+    hardware.check_launch(bf16_storage, fsdp_ready)
     no_checkpoints = SimpleNamespace(optim="paged_adamw_32bit", save_strategy="no")
-    modeling.check_launch(bf16_storage, no_checkpoints)
-    modeling.check_launch(ModelConfig(load_in_4bit=False), fsdp_ready)
+    hardware.check_launch(bf16_storage, no_checkpoints)
+    hardware.check_launch(ModelConfig(load_in_4bit=False), fsdp_ready)
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -178,8 +179,8 @@ def test_launches_that_cannot_work_are_refused_with_the_fix(monkeypatch):
     with pytest.raises(
         UserError, match=r"DeepSpeed ZeRO-3 shards .*--bnb_4bit_quant_storage bfloat16.*deepspeed_zero3"
     ):
-        modeling.check_launch(four_bit, mission)
-    modeling.check_launch(bf16_storage, mission)  # DeepSpeed saves and restores bitsandbytes' state (measured)
+        hardware.check_launch(four_bit, mission)
+    hardware.check_launch(bf16_storage, mission)  # DeepSpeed saves and restores bitsandbytes' state (measured)
 
 
 # Two gloo processes shard a tiny Gemma 3 + LoRA with FSDP-1 as our config does (each decoder layer and LoRA leaf its
@@ -203,9 +204,9 @@ import transformers.trainer  # resume loads the optimizer through the Trainer's 
 from peft import LoraConfig, get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import Gemma3ForCausalLM
-from gemma_sft import speedups
+from gemma_sft import patches
 
-speedups.enable("fsdp_checkpoint_fixes")
+patches.enable("fsdp_checkpoint_fixes")
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 PartialState(cpu=True)  # accelerate's helpers log through it
@@ -263,7 +264,7 @@ dist.destroy_process_group()
 def test_fsdp_saves_and_resumes_the_whole_adapter(tmp_path, tiny_model_dir):
     """PEFT 0.21 alone finds no adapter tensor inside FSDP-1's nested units: an empty adapter file, empty checkpoints,
     and a resume that restores nothing; accelerate 1.15 restores no optimizer state into a fresh optimizer. With
-    the fsdp_checkpoint_fixes entry of gemma_sft/speedups.py every LoRA tensor is saved, reloads without FSDP, and
+    the fsdp_checkpoint_fixes entry of patches/registry.py every LoRA tensor is saved, reloads without FSDP, and
     comes back from a checkpoint exactly, with the Adam moments: the resumed run continues as if never stopped."""
     from accelerate.commands.config.config_args import load_config_from_file
     from peft import PeftModel

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from gemma_sft import embedded
-from gemma_sft.modeling import load_tokenizer
+from gemma_sft.models import embedded, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ import torch
 import yaml
 from conftest import run_script
 
-from gemma_sft import REPO_ROOT, UserError, embedded
+from gemma_sft import REPO_ROOT, UserError
+from gemma_sft.models import embedded
 
 CHINESE = "你好，请用三句话介绍一下北京的历史和文化。"
 MARKED = "<start_of_turn>user\n天气怎么样？<end_of_turn>\n<start_of_turn>model\n晴。<end_of_turn>\n\n\n  空格"
@@ -43,10 +44,10 @@ def merged(adapter: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gemma_sft import modeling
+    from gemma_sft import models
 
-    base, _ = modeling.adapter_base(adapter)
-    model = AutoModelForCausalLM.from_pretrained(modeling.resolve_model(base), dtype=torch.bfloat16)
+    base, _ = models.adapter_base(adapter)
+    model = AutoModelForCausalLM.from_pretrained(models.resolve_model(base), dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model.float().eval(), AutoTokenizer.from_pretrained(adapter)
 
@@ -112,7 +113,7 @@ def random_adapter(base: str | Path, out: Path, recipe_model: str, seed: int = 0
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from gemma_sft.modeling import load_tokenizer
+    from gemma_sft.models import load_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -248,7 +249,7 @@ def test_unwritable_destination_is_one_line(quick_adapter, tmp_path):
 def test_full_disk_leaves_nothing_behind(quick_adapter, tmp_path, monkeypatch):
     import gguf
 
-    import export as export_script
+    from gemma_sft.commands import export as export_script
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -307,7 +308,7 @@ def test_270m_f16_matches_the_merged_model(f16_270m, merged_270m):
 @pytest.mark.xdist_group("export_270m")  # one worker builds the 270M fixtures once
 def test_270m_q8_0_answer_loss_within_1_percent_of_f16(adapter_270m, f16_270m, tmp_path):
     from gemma_sft.data import detect_format, load_records, to_messages
-    from gemma_sft.evaluation import answer_loss
+    from gemma_sft.inference import answer_loss
 
     out = tmp_path / "q8"
     result = export(adapter_270m, out, "--type", "q8_0")

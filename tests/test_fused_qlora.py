@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
 
-from gemma_sft import fused_qlora, speedups
+from gemma_sft import patches
+from gemma_sft.patches import fused_qlora
 
 DEMO = "recipes/gemma3_270m_belle_demo.yaml"
 FOUR_BIT = ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--use_bnb_nested_quant", "true"]
@@ -21,7 +22,7 @@ def count_fused_calls(monkeypatch):
 
     monkeypatch.setattr(fused_qlora.QLoRALinear, "forward", staticmethod(counted))
     yield calls
-    speedups.disable("fused_qlora")
+    patches.disable("fused_qlora")
 
 
 def four_bit_lora_model(model_dir, dropout):
@@ -47,7 +48,7 @@ def test_fused_layers_give_peft_outputs_and_gradients(tiny_model_dir, count_fuse
     ids = torch.randint(10, 1000, (2, 33))
     results = []
     for fused in (False, True):
-        speedups.enable("fused_qlora") if fused else speedups.disable("fused_qlora")
+        patches.enable("fused_qlora") if fused else patches.disable("fused_qlora")
         torch.manual_seed(1)  # the same dropout masks both times
         logits = model(ids).logits
         (logits.float().pow(2).mean()).backward()
@@ -66,14 +67,14 @@ def test_fused_layers_give_peft_outputs_and_gradients(tiny_model_dir, count_fuse
 def test_cases_it_does_not_cover_keep_peft_forward(tiny_model_dir, count_fused_calls):
     model = four_bit_lora_model(tiny_model_dir, 0.0)
     ids = torch.randint(10, 1000, (1, 9))
-    speedups.enable("fused_qlora")
+    patches.enable("fused_qlora")
     with torch.no_grad():
         with model.disable_adapter():  # the base model alone
             base = model(ids).logits
         assert not count_fused_calls
-        speedups.disable("fused_qlora")
+        patches.disable("fused_qlora")
         expected = model(ids).logits
-        speedups.enable("fused_qlora")
+        patches.enable("fused_qlora")
         assert not torch.allclose(base, expected)  # the adapter changes the output, so the check below means something
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert count_fused_calls
@@ -90,12 +91,12 @@ def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_di
     of computing it again, and every gradient stays what full recomputation gives."""
     model = four_bit_lora_model(tiny_model_dir, dropout)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    speedups.enable("fused_qlora")
+    patches.enable("fused_qlora")
     ids = torch.randint(10, 1000, (2, 33))
     results = []
     for keep in (False, True):
         if keep:
-            assert speedups.keep_mlp_outputs(model) == 2  # both decoder layers
+            assert patches.keep_mlp_outputs(model) == 2  # both decoder layers
         count_fused_calls.clear()
         torch.manual_seed(1)
         loss = model(ids).logits.float().pow(2).mean()
@@ -113,7 +114,7 @@ def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_di
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(kept_grads[name], grad, atol=0, rtol=0, msg=name)
     # the wrapped checkpoint function is not wrapped twice
-    assert speedups.keep_mlp_outputs(model) == 2
+    assert patches.keep_mlp_outputs(model) == 2
 
 
 def test_training_with_fused_layers_learns_peft_adapter(tmp_path, tiny_model_dir, count_fused_calls):

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from gemma_sft import REPO_ROOT, fused_qlora
+from gemma_sft import REPO_ROOT
+from gemma_sft.patches import fused_qlora
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -22,7 +23,7 @@ def kernels():
     """(module, device, dtype, tolerance): compiled on a GPU, interpreted on CPU (in the fresh process below)."""
     if not torch.cuda.is_available() and not INTERPRETED:
         pytest.skip("without a GPU these run under test_kernels_under_triton_interpreter")
-    from gemma_sft import lora_dropout
+    from gemma_sft.patches import lora_dropout
 
     if torch.cuda.is_available():
         return lora_dropout, torch.device("cuda"), torch.bfloat16, 2e-2

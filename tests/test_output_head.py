@@ -1,4 +1,4 @@
-"""The output head that computes its gradient in the forward pass (gemma_sft/output_head.py), against the full
+"""The output head that computes its gradient in the forward pass (gemma_sft/patches/output_head.py), against the full
 logits in float64 and against TRL's own chunked head. On CPU the head runs in torch ops here and its Triton kernel
 runs in Triton's interpreter, in fp32, in a fresh process (`test_kernel_under_triton_interpreter`); on a GPU the
 kernel runs compiled, in bf16."""
@@ -12,7 +12,8 @@ import torch
 import trl.trainer.utils as trl_utils
 from trl.kernels import ChunkedLogProbFunction
 
-from gemma_sft import REPO_ROOT, output_head, speedups
+from gemma_sft import REPO_ROOT, patches
+from gemma_sft.patches import output_head
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ALL_OUTPUTS = ("log_probs", "entropy", "is_top1")
@@ -172,7 +173,7 @@ def test_trl_fused_head_gives_the_same_loss_and_gradients_through_it(monkeypatch
     function = output_head._LogProbsWithForwardGradient
     original_apply = function.apply
     monkeypatch.setattr(function, "apply", lambda *args: calls.append(1) or original_apply(*args))
-    speedups.enable("fused_output_head")
+    patches.enable("fused_output_head")
     ours, our_grads = loss_and_gradients()
     assert calls == [1]
     torch.testing.assert_close(ours.loss, theirs.loss)
@@ -186,7 +187,7 @@ def test_trl_fused_head_gives_the_same_loss_and_gradients_through_it(monkeypatch
 def test_build_trainer_installs_it(monkeypatch, tmp_path, tiny_model_dir):
     from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
 
-    from gemma_sft import config, data, modeling
+    from gemma_sft import config, data, models
     from gemma_sft.trainer import build_trainer
 
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction)
@@ -195,6 +196,6 @@ def test_build_trainer_installs_it(monkeypatch, tmp_path, tiny_model_dir):
         ["recipes/gemma3_270m_belle_demo.yaml", "--model_path", str(tiny_model_dir), "--data_path", str(rows),
          "--output_dir", str(tmp_path / "out"), *TINY_RECIPE_FLAGS]
     )  # fmt: skip
-    tokenizer = modeling.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
+    tokenizer = models.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
     build_trainer(training_args, model_args, data.prepare_from_settings(resolved, tokenizer), tokenizer)
     assert trl_utils._ChunkedLogProbFunction is output_head.LogProbsWithForwardGradient

@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import belle_rows, write_jsonl
 
-from gemma_sft import data, evaluation
-from gemma_sft.modeling import load_for_inference
+from gemma_sft import data, inference
+from gemma_sft.inference import report as report_module
+from gemma_sft.models import load_for_inference
 
 
 def conversations_with_categories():
@@ -45,8 +46,8 @@ def test_a_worse_adapter_is_reported_overall_and_per_category(tiny_adapter, tmp_
         loss = sum(r for r, _ in rows) / sum(t for _, t in rows)
         return {"loss": loss, "perplexity": 1.0, "tokens": 18, "rows": len(rows), "per_row": rows}
 
-    monkeypatch.setattr(evaluation, "answer_loss", given_losses)
-    result = evaluation.compare(model, tokenizer, messages, folder, num_prompts=0, categories=categories)
+    monkeypatch.setattr(report_module, "answer_loss", given_losses)
+    result = inference.compare(model, tokenizer, messages, folder, num_prompts=0, categories=categories)
     report = (folder / "report.md").read_text()
     assert "**Warning: the adapter is worse than the base model on the held-out rows (1.0000 -> 1.3000)" in report
     assert "on 2 categories: code (1.0000 -> 1.1000), math (1.0000 -> 1.5000)" in report
@@ -60,16 +61,16 @@ def test_a_worse_adapter_is_reported_overall_and_per_category(tiny_adapter, tmp_
 def test_an_adapter_that_changes_nothing_gets_no_warning(tiny_adapter, tmp_path):
     model, tokenizer, folder = spoiled(tiny_adapter, tmp_path, 0.0)
     messages, categories = conversations_with_categories()
-    result = evaluation.compare(model, tokenizer, messages, folder, num_prompts=0, categories=categories)
+    result = inference.compare(model, tokenizer, messages, folder, num_prompts=0, categories=categories)
     assert result["adapter"]["loss"] == pytest.approx(result["base"]["loss"], rel=1e-6)
     assert result["warnings"] == [] and "Warning" not in (folder / "report.md").read_text()
 
 
 def test_per_category_loss_pools_the_categorys_tokens():
     result = {"per_row": [(6.0, 3), (2.0, 1), (9.0, 3)]}
-    assert evaluation.by_category(result, ["a", "a", None]) == {"a": 2.0}
+    assert inference.by_category(result, ["a", "a", None]) == {"a": 2.0}
     base, tuned = {"loss": 2.0}, {"loss": 1.9}
-    assert evaluation.warnings_for(base, tuned, {"a": 2.0, "b": 1.0}, {"a": 1.5, "b": 1.2}) == [
+    assert inference.warnings_for(base, tuned, {"a": 2.0, "b": 1.0}, {"a": 1.5, "b": 1.2}) == [
         "the adapter is worse than the base model on 1 category: b (1.0000 -> 1.2000)"
     ]
 

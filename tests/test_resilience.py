@@ -220,21 +220,22 @@ def test_a_crash_while_moving_the_adapter_in_leaves_no_config(tmp_path, monkeypa
 
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    import torch
     from trl import ModelConfig, SFTConfig
 
-    from gemma_sft import modeling
+    from gemma_sft import hardware
 
-    monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(modeling.torch.cuda, "is_bf16_supported", lambda: False)
-    monkeypatch.setattr(modeling.torch.cuda, "get_device_name", lambda: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla T4")
     args = SFTConfig(output_dir="unused", bf16=False, use_cpu=True)
     with pytest.raises(UserError, match="bf16 is not supported by Tesla T4"):
-        modeling.check_precision(args, ModelConfig(dtype="bfloat16"))
+        hardware.check_precision(args, ModelConfig(dtype="bfloat16"))
 
 
 OUT_OF_MEMORY_RUN = """
 import runpy, sys, torch
-from gemma_sft import modeling
+from gemma_sft import models
 
 def load_model(*args, **kwargs):
     raise torch.OutOfMemoryError(
@@ -242,7 +243,7 @@ def load_model(*args, **kwargs):
         "Of the allocated memory 13.9 GiB is allocated by PyTorch."
     )
 
-modeling.load_model = load_model
+models.load_model = load_model
 sys.argv = ["sft.py", *sys.argv[1:]]
 runpy.run_path("sft.py", run_name="__main__")
 """

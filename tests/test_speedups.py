@@ -11,7 +11,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer import sft_trainer
 
-from gemma_sft import REPO_ROOT, UserError, config, speedups
+from gemma_sft import REPO_ROOT, UserError, config, patches
 from gemma_sft.config import SpeedArguments
 
 
@@ -31,31 +31,31 @@ PROCESS_WIDE = ["fused_qlora", "fused_output_head", "pack_in_one_pass", "tuned_f
 def test_every_entry_has_a_switch_and_every_switch_an_entry():
     switches = {f.name for f in dataclasses.fields(SpeedArguments)}
     not_entries = {"lora_dropout_in_kernels", "merge_micro_batches"}  # a setting of fused_qlora's; a batching choice
-    assert {entry.switch for entry in speedups.SPEEDUPS} == switches - not_entries
-    for entry in speedups.SPEEDUPS:
+    assert {entry.switch for entry in patches.SPEEDUPS} == switches - not_entries
+    for entry in patches.SPEEDUPS:
         assert entry.library in ("peft", "trl", "transformers") and entry.checked_with.count(".") == 2
     requirements = (REPO_ROOT / "requirements.txt").read_text()
-    for entry in speedups.SPEEDUPS:  # checked against the version the project pins
+    for entry in patches.SPEEDUPS:  # checked against the version the project pins
         assert f"{entry.library}=={entry.checked_with}\n" in requirements, entry.switch
 
 
 @pytest.mark.parametrize("switch", PROCESS_WIDE)
 def test_enable_replaces_and_disable_restores(switch):
-    speedups.disable(switch)
+    patches.disable(switch)
     original = current(switch)
-    speedups.enable(switch)
+    patches.enable(switch)
     replaced = current(switch)
     assert replaced is not original
-    speedups.enable(switch)  # idempotent: not wrapped twice
+    patches.enable(switch)  # idempotent: not wrapped twice
     assert current(switch) is replaced
-    speedups.disable(switch)
+    patches.disable(switch)
     assert current(switch) is original
 
 
 def test_a_moved_name_stops_with_the_library_version_and_switch(monkeypatch):
     monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
     with pytest.raises(UserError) as caught:
-        speedups.enable("fused_output_head")
+        patches.enable("fused_output_head")
     message = str(caught.value)
     assert "trl 1.16.0" in message and "--fused_output_head false" in message and "\n" not in message
 
@@ -68,15 +68,16 @@ def test_the_fsdp_fixes_read_no_private_name_outside_fsdp(monkeypatch):
     args = SpeedArguments()
     recipe = config.parse(["recipes/gemma3_270m_belle_demo.yaml", "--dry_run"])
     training, model = recipe.training, recipe.model
-    speedups.install(args, training, model)  # nothing under FSDP: nothing read, nothing refused
+    patches.install(args, training, model)  # nothing under FSDP: nothing read, nothing refused
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UserError, match="--fsdp_checkpoint_fixes false"):
-        speedups.install(args, training, model)
+        patches.install(args, training, model)
 
 
 def test_switches_in_a_recipe_reach_the_trainer(tmp_path, tiny_model_dir):
     """Off by flag: TRL's own head and packing stay in place; on (the default): ours are installed."""
-    from gemma_sft import data, modeling, output_head
+    from gemma_sft import data, models
+    from gemma_sft.patches import output_head
     from gemma_sft.trainer import build_trainer
 
     rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(8))
@@ -84,7 +85,7 @@ def test_switches_in_a_recipe_reach_the_trainer(tmp_path, tiny_model_dir):
               "--output_dir", str(tmp_path / "out"), *TINY_RECIPE_FLAGS]  # fmt: skip
     for flags, ours in ((["--fused_output_head", "false", "--pack_in_one_pass", "false"], False), ([], True)):
         recipe = config.parse([*common, *flags])
-        tokenizer = modeling.load_tokenizer(str(tiny_model_dir), recipe.training.chat_template_path)
+        tokenizer = models.load_tokenizer(str(tiny_model_dir), recipe.training.chat_template_path)
         prepared = data.prepare_from_settings(recipe.resolved, tokenizer)
         build_trainer(recipe.training, recipe.model, prepared, tokenizer, recipe.speed)
         head = trl_utils._ChunkedLogProbFunction

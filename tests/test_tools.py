@@ -7,7 +7,7 @@ import torch
 from conftest import belle_rows, run_script, write_jsonl
 
 from gemma_sft import UserError
-from gemma_sft.modeling import load_for_inference
+from gemma_sft.models import load_for_inference
 
 PROMPT = "<bos><start_of_turn>user\n计算 4 加 9 等于多少？<end_of_turn>\n<start_of_turn>model\n"
 
@@ -95,8 +95,8 @@ def test_answer_loss_projects_only_answer_positions_and_matches_full_logits(tiny
     from transformers import AutoModelForCausalLM
 
     from gemma_sft.data import tokenize
-    from gemma_sft.evaluation import answer_loss
-    from gemma_sft.modeling import load_tokenizer
+    from gemma_sft.inference import answer_loss
+    from gemma_sft.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir), "chat_templates/gemma3.jinja")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -133,7 +133,7 @@ def test_report_and_inference_read_rows_without_flex_attention(tiny_adapter, tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_utils import AttentionInterface
 
-    from gemma_sft.evaluation import compare
+    from gemma_sft.inference import compare
 
     flex_recipe = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, flex_recipe)

@@ -149,7 +149,7 @@ def test_checkpointing_every_second_layer_learns_the_same_adapter(tmp_path, monk
 
 def test_torch_compile_compiles_decoder_layers_not_the_whole_model(tmp_path, monkeypatch, tiny_model_dir):
     """`torch_compile: true` in a recipe compiles each decoder layer once (accelerate's regional compilation)."""
-    from gemma_sft import config, data, modeling
+    from gemma_sft import config, data, models
     from gemma_sft.trainer import build_trainer
 
     for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"):
@@ -160,7 +160,7 @@ def test_torch_compile_compiles_decoder_layers_not_the_whole_model(tmp_path, mon
         [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(rows), "--output_dir", str(tmp_path / "out"),
          *TINY_RECIPE_FLAGS, "--torch_compile", "true"]
     )  # fmt: skip
-    tokenizer = modeling.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
+    tokenizer = models.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
     trainer = build_trainer(training_args, model_args, data.prepare_from_settings(resolved, tokenizer), tokenizer)
     plugin = trainer.accelerator.state.dynamo_plugin
     assert plugin.backend.value == "INDUCTOR" and plugin.use_regional_compilation
@@ -247,14 +247,14 @@ def test_trainer_packs_the_whole_sample_at_once(tmp_path, tiny_model_dir):
     from datasets import Dataset
     from trl import pack_dataset
 
-    from gemma_sft import config, data, modeling
+    from gemma_sft import config, data, models
     from gemma_sft.trainer import build_trainer
 
     rows = [{"instruction": f"第 {i} 题", "input": "", "output": "好" * (5 + i * 37 % 90)} for i in range(2100)]
     args = [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(write_jsonl(tmp_path / "rows.jsonl", rows)),
             "--output_dir", str(tmp_path / "out"), *TINY_RECIPE_FLAGS]  # fmt: skip
     _, training_args, model_args, resolved, *_ = config.parse(args)
-    tokenizer = modeling.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
+    tokenizer = models.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
     trainer = build_trainer(training_args, model_args, data.prepare_from_settings(resolved, tokenizer), tokenizer)
     packed = trainer.train_dataset["seq_lengths"]
     lengths = [length for row in packed for length in row]
@@ -279,7 +279,7 @@ def test_set_up_objects_are_out_of_the_garbage_collectors_view_while_training(tm
 
     from transformers import TrainerCallback
 
-    from gemma_sft import config, data, modeling
+    from gemma_sft import config, data, models
     from gemma_sft.trainer import build_trainer
 
     class FrozenCount(TrainerCallback):
@@ -294,7 +294,7 @@ def test_set_up_objects_are_out_of_the_garbage_collectors_view_while_training(tm
         [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(rows), "--output_dir", str(tmp_path / "out"),
          *TINY_RECIPE_FLAGS, "--max_steps", "2"]
     )  # fmt: skip
-    tokenizer = modeling.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
+    tokenizer = models.load_tokenizer(str(tiny_model_dir), training_args.chat_template_path)
     probe = FrozenCount()
     before = gc.get_freeze_count()
     trainer = build_trainer(training_args, model_args, data.prepare_from_settings(resolved, tokenizer), tokenizer,

@@ -29,9 +29,9 @@ TOKENS = 24  # a short answer keeps the browser test quick; the tiny model rarel
 
 @pytest.fixture(scope="module")
 def loaded(tiny_adapter):
-    from gemma_sft import modeling
+    from gemma_sft import models
 
-    model, tokenizer, _ = modeling.load_for_inference(tiny_adapter)
+    model, tokenizer, _ = models.load_for_inference(tiny_adapter)
     return model, tokenizer
 
 
@@ -39,7 +39,7 @@ def greedy_text(model, tokenizer, messages, use_base=False, max_new_tokens=TOKEN
     """The answer from one plain (unstreamed) greedy `generate`."""
     import torch
 
-    from gemma_sft.modeling import stop_token_ids
+    from gemma_sft.models import stop_token_ids
 
     encoded = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -51,7 +51,7 @@ def greedy_text(model, tokenizer, messages, use_base=False, max_new_tokens=TOKEN
 
 
 def test_streamed_pieces_join_to_the_greedy_answer(loaded):
-    from gemma_sft.webui_generation import build_messages, stream_reply
+    from gemma_sft.inference.generate import build_messages, stream_reply
 
     model, tokenizer = loaded
     messages = build_messages(None, [], PROMPT)
@@ -62,7 +62,7 @@ def test_streamed_pieces_join_to_the_greedy_answer(loaded):
 
 
 def test_base_and_adapter_answers_differ(loaded):
-    from gemma_sft.webui_generation import build_messages, stream_reply
+    from gemma_sft.inference.generate import build_messages, stream_reply
 
     model, tokenizer = loaded
     messages = build_messages(None, [], PROMPT)
@@ -76,7 +76,7 @@ def test_base_and_adapter_answers_differ(loaded):
 
 def test_an_early_stop_releases_the_model(loaded):
     """A reader that stops early (a closed tab, Reset) must not leave generation running or the model locked."""
-    from gemma_sft.webui_generation import MODEL_LOCK, build_messages, stream_reply
+    from gemma_sft.inference.generate import MODEL_LOCK, build_messages, stream_reply
 
     model, tokenizer = loaded
     stream = stream_reply(model, tokenizer, build_messages(None, [], PROMPT), use_base=True, max_new_tokens=2000)
@@ -86,7 +86,7 @@ def test_an_early_stop_releases_the_model(loaded):
 
 
 def test_history_is_carried_into_the_next_prompt(loaded):
-    from gemma_sft.webui_generation import build_messages, render_prompt
+    from gemma_sft.inference.generate import build_messages, render_prompt
 
     _, tokenizer = loaded
     history = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "7 + 12 = 19。"}]
@@ -283,7 +283,7 @@ def test_page_compares_base_and_adapter(request, server, browser, tmp_path):
 
 
 def test_report_parts(tiny_adapter, tmp_path):
-    import webui
+    from gemma_sft.commands import webui
 
     text, curve = webui.report_parts(tiny_adapter)
     assert "answer loss" in text and "](loss_curve.png)" not in text  # the image is shown apart, not as a dead link

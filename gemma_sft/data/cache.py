@@ -40,7 +40,7 @@ def code_digest() -> str:
     global _CODE
     if _CODE is None:
         here = Path(__file__).parent
-        _CODE = digest(*((here / name).read_bytes() for name in ("data.py", "data_cache.py", "answer_mask.py")))
+        _CODE = digest(*((here / name).read_bytes() for name in ("data.py", "cache.py", "answer_mask.py")))
     return _CODE
 
 

@@ -5,14 +5,17 @@ PEFT computes a QLoRA layer as bitsandbytes' 4-bit matmul, a defensive copy of i
 With many short packed samples per row the GPU finishes these faster than Python issues them, so the host sets the
 pace. Here the same arithmetic is one function: dequantize, one matmul for A, one for B, and the frozen weight's
 product added into that output by its own matmul (in place), with a backward pass written out by hand. On a GPU,
-LoRA dropout happens inside the adapter's kernels (gemma_sft/lora_dropout.py) instead of as a dropped copy of the
+LoRA dropout happens inside the adapter's kernels (lora_dropout.py) instead of as a dropped copy of the
 input. Same results up to rounding and, with dropout, up to the random draw; layers it does not cover keep PEFT's own
 forward.
 """
 
 import contextlib
+import functools
 
 import torch
+
+from gemma_sft import hardware
 
 dropout_in_kernels = True  # False: PEFT's dropout module makes the dropped copy (switch lora_dropout_in_kernels)
 
@@ -151,7 +154,7 @@ def kept_outputs_context():
 
 
 def _dropout_kernels():
-    from gemma_sft import lora_dropout  # imports Triton: only where a GPU runs the layer
+    from gemma_sft.patches import lora_dropout  # imports Triton: only where a GPU runs the layer
 
     return lora_dropout
 
@@ -171,3 +174,62 @@ def covers(layer, x, args, kwargs) -> bool:
     if torch.is_autocast_enabled(x.device.type):  # PEFT's adapter branch then runs in the autocast dtype
         return x.dtype == torch.get_autocast_dtype(x.device.type)
     return layer.lora_A[name].weight.dtype == layer.lora_B[name].weight.dtype
+
+
+# Putting it in place (gemma_sft/patches/registry.py turns it on and off)
+def install() -> None:
+    from peft.tuners.lora import bnb as peft_bnb
+
+    peft_forward = peft_bnb.Linear4bit.forward
+    if getattr(peft_forward, "fused", False):
+        return
+
+    def forward(self, x, *args, **kwargs):
+        if covers(self, x, args, kwargs):
+            return fused_forward(self, x)
+        return peft_forward(self, x, *args, **kwargs)
+
+    forward.fused, forward.peft_forward = True, peft_forward
+    peft_bnb.Linear4bit.forward = forward
+
+
+def uninstall() -> None:
+    from peft.tuners.lora import bnb as peft_bnb
+
+    peft_bnb.Linear4bit.forward = getattr(peft_bnb.Linear4bit.forward, "peft_forward", peft_bnb.Linear4bit.forward)
+
+
+def applies(speed, training_args, model_args) -> bool:
+    return bool(model_args.load_in_4bit) and not hardware.sharded_launch()  # FSDP/ZeRO-3 shard the quant state
+
+
+def keep_mlp_outputs(model) -> int:
+    """Mark the MLP down projections of `model`'s checkpointed decoder layers to keep their outputs through the
+    recomputation (kept_outputs_context); returns how many layers now keep them. Call once gradient
+    checkpointing is on (the Trainer turns it on when training starts)."""
+    from peft.tuners.lora import bnb as peft_bnb
+
+    layers = 0
+    for module in model.modules():
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        keywords = getattr(checkpoint, "keywords", {})
+        down = getattr(getattr(module, "mlp", None), "down_proj", None)
+        if not getattr(module, "gradient_checkpointing", False) or checkpoint is None or down is None:
+            continue
+        if not isinstance(down, peft_bnb.Linear4bit) or keywords.get("use_reentrant", True):
+            continue  # only the fused 4-bit layer replays; reentrant checkpointing takes no context_fn
+        if keywords.get("context_fn") is not kept_outputs_context:
+            module._gradient_checkpointing_func = functools.partial(checkpoint, context_fn=kept_outputs_context)
+        down.keep_output = True
+        layers += 1
+    return layers
+
+
+def keep_mlp_outputs_applies(speed, training_args, model_args) -> bool:
+    # the replayed output is the fused layer's; with torch_compile the compiled layers would trace the replay: untried
+    return (
+        speed.fused_qlora
+        and applies(speed, training_args, model_args)
+        and training_args.gradient_checkpointing
+        and not (training_args.torch_compile)
+    )

@@ -12,6 +12,8 @@ backward replay before any other graph runs (one training micro-step at a time).
 gradients, generation, extra outputs, a cache) runs the model's own forward.
 """
 
+import os
+
 import torch
 
 from gemma_sft import UserError
@@ -189,3 +191,15 @@ def graph_text_models(model) -> int:
                 module.forward = GraphedStack(module)
             wrapped += 1
     return wrapped
+
+
+# Putting it in place (gemma_sft/patches/registry.py turns it on and off)
+def applies(speed, training_args, model_args) -> bool:
+    # packed rows are long and one shape, so the GPU's work covers the host's; several processes (DDP, FSDP, ZeRO-3)
+    # and torch.compile are untried with graphs
+    return (
+        not training_args.packing
+        and torch.cuda.is_available()
+        and not training_args.torch_compile
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    )

@@ -44,3 +44,45 @@ def avoid_cudnn_attention(attn_implementation: str) -> bool:
         return False
     torch.backends.cuda.enable_cudnn_sdp(False)
     return True
+
+
+# Putting it in place (gemma_sft/patches/registry.py turns it on and off)
+# Registered under transformers' own name: the mask builders, TRL and this project's inference code all key on
+# "flex_attention", so a new name would need each of them taught it.
+def install_tuned_flex() -> None:
+    from transformers.integrations import flex_attention as flex
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    if getattr(ALL_ATTENTION_FUNCTIONS["flex_attention"], "tuned", False):
+        return
+
+    def tuned(module, query, key, value, attention_mask, **kwargs):
+        if query.is_cuda and kwargs.get("kernel_options") is None:
+            options = flex_kernel_options(torch.cuda.get_device_capability(query.device), query.shape[-1])
+            kwargs = {**kwargs, "kernel_options": options} if options else kwargs
+        return flex.flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    tuned.tuned = True
+    AttentionInterface.register("flex_attention", tuned)
+
+
+def uninstall_tuned_flex() -> None:
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    if getattr(ALL_ATTENTION_FUNCTIONS["flex_attention"], "tuned", False):
+        AttentionInterface.register("flex_attention", flex_attention_forward)
+
+
+def qk_norm_in_stored_layout(model) -> int:
+    """Make the query/key norms of `model`'s attention layers act on their input's stored layout
+    (in_stored_layout); returns how many norms. Call after Liger has patched the norms."""
+    norms = 0
+    for module in model.modules():
+        for name in ("q_norm", "k_norm"):
+            norm = getattr(module, name, None)
+            if isinstance(norm, torch.nn.Module) and hasattr(module, "o_proj"):
+                if not getattr(norm.forward, "in_stored_layout", False):
+                    norm.forward = in_stored_layout(norm.forward)
+                norms += 1
+    return norms

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from gemma_sft import REPO_ROOT, UserError, embedded, hub_error
-
-DEFAULT_CHAT_TEMPLATE = REPO_ROOT / "chat_templates" / "gemma3.jinja"
-END_OF_TURN = "<end_of_turn>"
+from gemma_sft import hardware
+from gemma_sft.errors import UserError, hub_error
+from gemma_sft.models import embedded
+from gemma_sft.models.template import END_OF_TURN, read_chat_template, stop_token_ids
 
 
 def resolve_model(name_or_path: str | None) -> str:
@@ -25,14 +25,6 @@ def fetch_error(what: str, name: str, exc: Exception) -> UserError:
     return hub_error(what, name, exc, local, f"hf download {name}")
 
 
-def read_chat_template(path: str | os.PathLike | None) -> str:
-    candidates = [Path(path), REPO_ROOT / path] if path else [DEFAULT_CHAT_TEMPLATE]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
-    raise UserError(f"{path}: chat template file not found")
-
-
 def load_tokenizer(model_path: str, chat_template_path: str | None = None):
     from transformers import AutoTokenizer
 
@@ -46,76 +38,6 @@ def load_tokenizer(model_path: str, chat_template_path: str | None = None):
     return tokenizer
 
 
-def check_precision(training_args, model_args) -> None:
-    """Gemma 3 overflows in fp16; bf16 needs hardware support."""
-    if getattr(training_args, "fp16", False) or model_args.dtype == "float16":
-        raise UserError("fp16 overflows Gemma 3 (NaN losses): set bf16: true and dtype: bfloat16 instead")
-    wants_bf16 = training_args.bf16 or model_args.dtype == "bfloat16"
-    if wants_bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UserError(
-            f"bf16 is not supported by {torch.cuda.get_device_name()}: use an Ampere or newer GPU, "
-            "or set bf16: false and dtype: float32 (slow, but correct)"
-        )
-
-
-def fsdp_launch() -> bool:
-    """Whether `accelerate launch` started this process with an FSDP config (accelerate_configs/fsdp_qlora.yaml)."""
-    from accelerate.utils import parse_flag_from_env
-
-    return parse_flag_from_env("ACCELERATE_USE_FSDP")
-
-
-def zero3_launch() -> bool:
-    """Whether `accelerate launch` started this process with ZeRO-3 (accelerate_configs/deepspeed_zero3.yaml)."""
-    from accelerate.utils import parse_flag_from_env
-
-    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-
-
-def sharded_launch() -> bool:
-    """Whether the model's weights are sharded across processes (FSDP or ZeRO-3)."""
-    return fsdp_launch() or zero3_launch()
-
-
-def check_launch(model_args, training_args) -> None:
-    """One GPU per process, and when the model is sharded (FSDP, ZeRO-3): GPUs, 4-bit weights in a float dtype, and
-    under FSDP with checkpoints an optimizer whose state FSDP can save."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # the Trainer would fall back to nn.DataParallel
-        raise UserError(
-            f"{gpus} GPUs are visible to one process: for data parallelism launch `accelerate launch "
-            f"--config_file accelerate_configs/multi_gpu.yaml --num_processes {gpus} sft.py ...`; "
-            "for one GPU set CUDA_VISIBLE_DEVICES=0"
-        )
-    sharding = "FSDP" if fsdp_launch() else "DeepSpeed ZeRO-3" if zero3_launch() else None
-    if sharding is None:
-        return
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"{sharding} needs CUDA GPUs; on CPU, launch with `accelerate launch --multi_gpu --num_processes N` "
-            "and pass --use_cpu true (data parallel over gloo)"
-        )
-    if model_args.load_in_4bit and model_args.bnb_4bit_quant_storage not in ("bfloat16", "float16", "float32"):
-        config = "fsdp_qlora.yaml" if sharding == "FSDP" else "deepspeed_zero3.yaml"
-        raise UserError(
-            f"{sharding} shards floating-point tensors only: store the 4-bit weights in bf16 with "
-            f"--bnb_4bit_quant_storage bfloat16 (see accelerate_configs/{config})"
-        )
-    optim = str(getattr(training_args.optim, "value", training_args.optim))
-    checkpoints = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
-    if sharding == "FSDP" and checkpoints and any(tag in optim for tag in ("bnb", "8bit", "32bit")):
-        # bitsandbytes keeps its state in a nested dict that FSDP's optimizer checkpointing cannot shard or restore
-        raise UserError(
-            f"FSDP checkpoints cannot hold the state of bitsandbytes' optimizer ({optim}): pass --optim adamw_torch "
-            "(the same AdamW; the LoRA weights are small, so paging saves nothing), or --save_strategy no"
-        )
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Generation stops at <eos> or at the end of the model's turn."""
-    return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
-
-
 def load_model(model_path: str, model_args, tokenizer):
     """The base model, 4-bit when the recipe asks, with <end_of_turn> as a stop token for generation."""
     from accelerate import PartialState
@@ -124,7 +46,7 @@ def load_model(model_path: str, model_args, tokenizer):
 
     quantization_config = get_quantization_config(model_args)
     device_map = None
-    if quantization_config is not None and torch.cuda.is_available() and not zero3_launch():
+    if quantization_config is not None and torch.cuda.is_available() and not hardware.zero3_launch():
         # bitsandbytes places weights at load time: each process (DDP rank) gets a whole copy on its own GPU. Under
         # ZeRO-3, DeepSpeed partitions the weights as they load instead, and refuses a device map.
         device_map = {"": PartialState().local_process_index}

@@ -106,7 +106,7 @@ def model_dir() -> Path:
         config.dtype = torch.bfloat16
         plain = Gemma3ForCausalLM(config)
         plain.load_state_dict(loaded.state_dict())
-        from gemma_sft.modeling import stop_token_ids  # here, not at the top: modeling imports this module
+        from gemma_sft.models.template import stop_token_ids
 
         plain.generation_config.eos_token_id = stop_token_ids(tokenizer)
         plain.to(torch.bfloat16).save_pretrained(folder)

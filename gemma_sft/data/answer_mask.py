@@ -9,7 +9,7 @@ every span. `tokenize` does that and returns what transformers returns, token fo
 
 It checks every row: where the bytes do not add up to the rendered text (a literal "▁" in it, an unknown token), the
 row goes through transformers instead, as does every row of a tokenizer of another kind. Switch:
-`fast_answer_mask` (gemma_sft/speedups.py); checked with transformers 5.17.0 and tokenizers 0.23.3.
+`fast_answer_mask` (gemma_sft/patches/registry.py); checked with transformers 5.17.0 and tokenizers 0.23.3.
 """
 
 import contextlib
@@ -67,7 +67,9 @@ def _token_bytes(backend) -> np.ndarray | None:
     return table
 
 
-def tokenize(tokenizer, conversations: list[list[dict]], fast: bool = True) -> tuple[list[list[int]], list[list[int]]]:
+def ids_and_masks(
+    tokenizer, conversations: list[list[dict]], fast: bool = True
+) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids and answer masks (1 on each answer and its <end_of_turn>), equal to `reference`'s; fast: found
     from token byte lengths where the tokenizer allows (the fast_answer_mask switch), else transformers' own."""
     table = token_bytes(tokenizer) if fast else None
@@ -111,3 +113,18 @@ def _mask(text: str, ends: np.ndarray, spans: list[tuple[int, int]]) -> list[int
         stop = last + 1 if last else len(ends)  # transformers reads a last token of 0 as "to the end"
         mask[first:stop] = [1] * max(stop - first, 0)
     return mask
+
+
+def tokenize_many(tokenizer, conversations: list[list[dict]], fast_mask: bool = True) -> list[dict]:
+    """Token ids and the answer mask (1 on each answer and its <end_of_turn>, from the chat template's markers) for
+    each conversation; one call for several is a few times faster than one each. fast_mask: the same ids and mask
+    found without character offsets (gemma_sft/data/answer_mask.py), else transformers' own."""
+    if not conversations:
+        return []
+    ids, masks = ids_and_masks(tokenizer, conversations, fast_mask)
+    return [{"input_ids": row_ids, "assistant_masks": mask} for row_ids, mask in zip(ids, masks)]
+
+
+def tokenize(tokenizer, messages: list[dict]) -> dict:
+    """`tokenize_many` for one conversation."""
+    return tokenize_many(tokenizer, [messages])[0]

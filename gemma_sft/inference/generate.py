@@ -1,10 +1,11 @@
-"""Streamed answers for the web page: one chat turn of the base model (adapter disabled) or of the adapter."""
+"""Generation, one way for every verb: greedy answers for the report, and streamed chat turns of the base model
+(adapter disabled) or of the adapter for the terminal chat and the web page; all stop at <end_of_turn>."""
 
 import contextlib
 import threading
 from collections.abc import Iterator
 
-from gemma_sft.modeling import stop_token_ids
+from gemma_sft.models.template import stop_token_ids
 
 # The adapter switch (`disable_adapter`) is state of the whole model: two answers generated at once, one with it off
 # and one with it on, would each see the other's setting. Every generation holds this lock from start to finish.
@@ -101,3 +102,22 @@ def stream_reply(
             thread.join()
     if failure:
         raise failure[0]
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 128) -> list[str]:
+    """Greedy answers to chat prompts (messages up to the last user turn), batched, stopping at <end_of_turn>."""
+    import torch
+
+    model.eval()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+        next(model.parameters()).device
+    )
+    with torch.no_grad():
+        output = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    answers = output[:, batch["input_ids"].shape[1] :]
+    return [tokenizer.decode(answer, skip_special_tokens=True).strip() for answer in answers]

@@ -176,3 +176,19 @@ class LogProbsWithForwardGradient:
         )
         entropy = entropy if "entropy" in outputs else None
         return log_probs, entropy, None, None, is_top1 if "is_top1" in outputs else None
+
+
+# Putting it in place (gemma_sft/patches/registry.py turns it on and off)
+def install() -> None:
+    import trl.trainer.utils as trl_utils
+
+    trl_utils.__dict__["_ChunkedLogProbFunction"]  # a KeyError if TRL renamed it
+    trl_utils._ChunkedLogProbFunction = LogProbsWithForwardGradient
+
+
+def uninstall() -> None:
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import ChunkedLogProbFunction
+
+    if "_ChunkedLogProbFunction" in trl_utils.__dict__:
+        trl_utils._ChunkedLogProbFunction = ChunkedLogProbFunction

@@ -1,0 +1,51 @@
+"""Merge a LoRA adapter into its 16-bit base and export one GGUF file for llama.cpp and Ollama.
+
+    python export.py --adapter outputs/gemma3-4b-belle-qlora --output outputs/gemma3-4b-belle-gguf [--type q8_0]
+
+The base is loaded in bf16 (never 4-bit) and merged as merge.py does. The output folder gets NAME.gguf (the text
+model, our chat template, <end_of_turn> as the end-of-generation token), an Ollama Modelfile and a README with the
+`ollama create` and `llama-cli` commands. For gemma-3-4b-it and the other multimodal Gemma 3 models only the
+language model is exported: the vision tower is left out, so the GGUF takes text, not images. --type f16 keeps the
+weights at 16 bits; q8_0 quantizes the weight matrices to 8 bits (about half the size). The folder is built under
+a temporary name and renamed, so a failed export leaves nothing behind.
+"""
+
+import argparse
+from pathlib import Path
+
+from gemma_sft.publish import publish_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gemma_sft.export import check_destination, gguf_file, merged_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="output_dir of a finished sft.py run")
+    parser.add_argument("--output", required=True, help="folder for the GGUF file, Modelfile and README")
+    parser.add_argument("--type", choices=gguf_file.TYPES, default="f16", help="weight type (default f16)")
+    parser.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    parser.add_argument("--name", help="model name for the file and `ollama create` (default: the output folder's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+
+    output = check_destination(args.output, args.overwrite)
+    merged, tokenizer, base_path = merged_model(args.adapter, args.base)
+
+    stem = args.name or output.name
+    multimodal = hasattr(merged.config, "text_config")
+
+    def write(folder: Path) -> None:
+        gguf_file.write_gguf(
+            folder / f"{stem}.gguf", merged.state_dict(), merged.config, tokenizer, kind=args.type, name=stem,
+            model_dirs=[args.adapter, base_path],
+        )  # fmt: skip
+        (folder / "Modelfile").write_text(gguf_file.modelfile(f"{stem}.gguf"), encoding="utf-8")
+        (folder / "README.md").write_text(gguf_file.readme(stem, args.type, multimodal), encoding="utf-8")
+
+    publish_dir(write, output, replace=True)
+    what = "language model only, vision tower left out" if multimodal else "text model"
+    print(f"GGUF ({args.type}, {what}) saved to {output / (stem + '.gguf')}; `ollama create {stem} -f Modelfile`")
+    return 0
+
+
+RUN_OPTIONS: dict = {}

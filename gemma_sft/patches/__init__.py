@@ -1,0 +1,16 @@
+"""Patches: each place where this project replaces part of another library, one module per replacement, all listed
+in the registry with a switch, the version they were checked against and whether they are speed or correctness.
+
+    registry          the list, and install/enable/disable
+    fused_qlora       4-bit LoRA layers as one autograd function; keep_mlp_outputs through checkpointing (speed)
+    lora_dropout      the Triton kernels that draw LoRA dropout inside fused_qlora (speed)
+    output_head       the output head's gradient computed in its forward pass (speed)
+    attention         flex_attention kernel options, query/key norms in place, sdpa off cuDNN (speed)
+    packing           TRL's packing in one pass over the sample (speed)
+    cuda_graphs       unpacked training steps replayed as CUDA graphs (speed)
+    fsdp_checkpoints  FSDP checkpoints that hold the adapter and the optimizer state (fix)
+"""
+
+from gemma_sft.patches.registry import BY_SWITCH, FIX, PATCHES, SPEED, Patch, applying, disable, enable, install
+
+__all__ = ["BY_SWITCH", "FIX", "PATCHES", "SPEED", "Patch", "applying", "disable", "enable", "install"]
