@@ -12,7 +12,7 @@ from typing import NamedTuple
 import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from gemma_sft import UserError
+from gemma_sft import UserError, plan
 
 # The flags of the original single-script tool, kept so its users' commands keep working.
 FLAG_ALIASES = {
@@ -50,6 +50,13 @@ class DataArguments(ScriptArguments):
         metadata={
             "help": "Keep checked and tokenized rows on disk (GEMMA_SFT_CACHE/data, default ~/.cache/gemma-sft/data) "
             "so a run with the same data, tokenizer, template and settings starts at once."
+        },
+    )
+    fast_answer_mask: bool = field(
+        default=True,
+        metadata={
+            "help": "Find the answer tokens from each token's length in bytes instead of asking the tokenizer for "
+            "character offsets (data/answer_mask.py): the same ids and mask, tokenized sooner."
         },
     )
 
@@ -124,13 +131,6 @@ class SpeedArguments:
             "(same samples and loss per optimizer step, up to 16,384 padded tokens; gemma_sft/trainer.py)."
         },
     )
-    fast_answer_mask: bool = field(
-        default=True,
-        metadata={
-            "help": "Find the answer tokens from each token's length in bytes instead of asking the tokenizer for "
-            "character offsets (gemma_sft/data/answer_mask.py): the same ids and mask, tokenized sooner."
-        },
-    )
     cuda_graphs: bool = field(
         default=True,
         metadata={
@@ -152,6 +152,7 @@ class Recipe(NamedTuple):
     resolved: dict  # the recipe's keys, the sampling keys and the flags given, with their final values
     run: RunArguments
     speed: SpeedArguments
+    plan: "plan.Plan"  # what the recipe became here (plan.py); completed once the rows are known
 
 
 DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments, SpeedArguments)
@@ -161,9 +162,6 @@ SAMPLING_KEYS = (
     "system_prompt", "drop_overlong", "model_name_or_path", "eval_dataset_name", "dataset_num_proc",
     "dataset_streaming", "data_cache", "fast_answer_mask",
 )  # fmt: skip
-# Unpacked batches are padded to a multiple of this: few shapes (few CUDA graphs to capture), little padding, and
-# never a length of 64 more than a multiple of 128, where cuDNN's attention backward can return NaN (attention.py).
-UNPACKED_PAD = 128
 
 
 class RecipeParser(TrlParser):
@@ -288,20 +286,9 @@ def parse(argv: list[str] | None = None) -> Recipe:
     if data_args.eval_dataset_name and "dataset_name" in flags and "eval_dataset_name" not in flags:
         data_args.eval_dataset_name = resolved["eval_dataset_name"] = None
 
-    # A packed recipe's row shape (pad_to_multiple_of 16,384) and flex_attention are for packed rows. With packing
-    # off they would pad each ~300-token sample to the whole row and compile attention again for each new length, so
-    # unless given on the command line, unpacked batches are padded to a multiple of UNPACKED_PAD and use sdpa.
-    if not training_args.packing:
-        if (training_args.pad_to_multiple_of or 0) > UNPACKED_PAD and "pad_to_multiple_of" not in flags:
-            training_args.pad_to_multiple_of = resolved["pad_to_multiple_of"] = UNPACKED_PAD
-        if model_args.attn_implementation == "flex_attention" and "attn_implementation" not in flags:
-            model_args.attn_implementation = resolved["attn_implementation"] = "sdpa"
-
-    # Rows padded to one shape carry padding, so count what is trained: the real tokens. (transformers' parser reads
-    # this field as a bool, so a recipe cannot ask for "non_padding" by name.)
-    if training_args.include_num_input_tokens_seen == "all" and training_args.pad_to_multiple_of:
-        training_args.include_num_input_tokens_seen = "non_padding"
-    return Recipe(data_args, training_args, model_args, resolved, run_args, speed_args)
+    # What the recipe becomes before any data is read (row shape, attention, token counting): decided in plan.py
+    settled = plan.settle_recipe(training_args, model_args, set(flags), resolved)
+    return Recipe(data_args, training_args, model_args, resolved, run_args, speed_args, settled)
 
 
 def _plain(value):

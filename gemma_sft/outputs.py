@@ -95,3 +95,9 @@ def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
         last = last_complete_checkpoint(folder)
         kept = f"; the last checkpoint is {last}" if last else ""
         raise UserError(f"{folder}: could not write the adapter ({exc.strerror or exc}){kept}") from None
+
+
+def save_plan(output_dir: str, plan) -> None:
+    """What the recipe became on this machine (plan.py), next to the recipe it came from."""
+    path = Path(output_dir) / "plan.json"
+    path.write_text(json.dumps(plan.as_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

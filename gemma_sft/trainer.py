@@ -2,13 +2,13 @@
 
 import gc
 import math
-import os
 from pathlib import Path
 
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from gemma_sft import UserError, outputs
+from gemma_sft.plan import Plan, settle_training
 
 
 class GemmaSFTTrainer(SFTTrainer):
@@ -76,55 +76,21 @@ class StopOnNonFiniteLoss(TrainerCallback):
         )
 
 
-# The most tokens one merged batch may pad to: the mission recipe's packed row, which fits a 16 GB card on the 4B.
-MERGED_BATCH_TOKENS = 16_384
-
-
-def merge_micro_batches(training_args, longest: int) -> int:
-    """Run an unpacked recipe's accumulated micro-batches k at a time as one padded batch; returns k (1: unchanged).
-
-    The optimizer steps see the same samples (the sampler's order does not depend on the batch size) and the same
-    loss: transformers sums each step's token losses and divides by the step's answer tokens however the step is
-    split. What changes is the host's cost per micro-step (Python and kernel launches, most of an unpacked step's
-    time), paid once for k samples. k is the largest divisor of the accumulation steps whose batch, padded to the
-    longest row (`longest` tokens), stays within MERGED_BATCH_TOKENS."""
-    batch, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
-    if training_args.packing or accumulation < 2:
-        return 1
-    pad = training_args.pad_to_multiple_of or 1
-    padded = -(-longest // pad) * pad
-    fits = [
-        d for d in range(1, accumulation + 1) if accumulation % d == 0 and batch * d * padded <= MERGED_BATCH_TOKENS
-    ]
-    k = max(fits, default=1)
-    training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps = batch * k, accumulation // k
-    return k
-
-
-def build_trainer(training_args, model_args, prepared, tokenizer, speed=None, callbacks=()) -> GemmaSFTTrainer:
+def build_trainer(
+    training_args, model_args, prepared, tokenizer, speed=None, callbacks=(), plan: Plan | None = None
+) -> GemmaSFTTrainer:
     """The trainer for a recipe's parsed arguments and prepared rows; `speed` (SpeedArguments, default: every switch
-    on) picks the speed-ups (gemma_sft/patches/registry.py)."""
+    on) picks the patches (gemma_sft/patches/registry.py). The plan's last decisions are settled here (plan.py) and
+    added to `plan` when one is given."""
     from trl import get_peft_config
 
     from gemma_sft import models, patches
     from gemma_sft.config import SpeedArguments
-    from gemma_sft.patches import attention
 
     speed = speed or SpeedArguments()
+    settle_training(training_args, model_args, speed, prepared.train_lengths, plan)
     speed_callbacks = patches.install(speed, training_args, model_args)
-    if speed.merge_micro_batches and prepared.train_lengths:
-        k = merge_micro_batches(training_args, max(prepared.train_lengths))
-        if k > 1 and os.environ.get("RANK", "0") == "0":
-            print(f"Unpacked rows: {k} accumulated micro-batches run as one padded batch of "
-                  f"{training_args.per_device_train_batch_size} (same samples and loss per optimizer step; "
-                  "--merge_micro_batches false keeps them apart)", flush=True)  # fmt: skip
-    attention.avoid_cudnn_attention(model_args.attn_implementation)
     model = models.load_model(models.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
-    if training_args.torch_compile:
-        # Compile one decoder layer and reuse it for every layer (accelerate's regional compilation, which accelerate
-        # reads from the environment only) rather than tracing the whole model: seconds of compilation instead of
-        # minutes, and one graph per layer type.
-        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
     return GemmaSFTTrainer(
         model=model,
         args=training_args,

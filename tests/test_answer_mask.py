@@ -18,7 +18,10 @@ def _belle_conversations(path):
 
 
 def _same(tokenizer, conversations):
-    fast, reference = answer_mask.tokenize(tokenizer, conversations), answer_mask.reference(tokenizer, conversations)
+    fast, reference = (
+        answer_mask.ids_and_masks(tokenizer, conversations),
+        answer_mask.reference(tokenizer, conversations),
+    )
     for row, (ids, mask, ref_ids, ref_mask) in enumerate(zip(*fast, *reference)):
         assert list(ids) == ref_ids and mask == ref_mask, f"row {row}: {conversations[row]!r}"
     return fast

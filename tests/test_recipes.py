@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import gemma3_4b_on_meta, mission_lora, run_script
 
-from gemma_sft import REPO_ROOT, UserError, config
+from gemma_sft import REPO_ROOT, UserError, config, plan
 from gemma_sft.hardware import DEMO, LOW_MEMORY, MISSION, SINGLE_GPU, default_recipe, train_command
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
@@ -167,7 +167,7 @@ def test_unpacked_runs_drop_the_packed_row_shape_and_flex_attention():
     """`--packing false` on a packed recipe pads each batch to a multiple of 128, not to the 16,384-token row, and
     uses sdpa (flex_attention would compile again for each new length); flags given on the command line win."""
     _, args, model_args, resolved, *_ = config.parse([MISSION, "--packing", "false", "--dry_run"])
-    assert args.pad_to_multiple_of == config.UNPACKED_PAD == 128 and model_args.attn_implementation == "sdpa"
+    assert args.pad_to_multiple_of == plan.UNPACKED_PAD == 128 and model_args.attn_implementation == "sdpa"
     assert resolved["pad_to_multiple_of"] == 128 and resolved["attn_implementation"] == "sdpa"
     _, args, model_args, _, *_ = config.parse([MISSION, "--packing", "false", "--pad_to_multiple_of", "4096",
                                            "--attn_implementation", "flex_attention", "--dry_run"])  # fmt: skip

@@ -334,7 +334,7 @@ def test_merged_micro_batches_learn_the_same_adapter(tmp_path, monkeypatch, tiny
 def test_merging_keeps_each_padded_batch_within_its_token_budget():
     from types import SimpleNamespace
 
-    from gemma_sft.trainer import MERGED_BATCH_TOKENS, merge_micro_batches
+    from gemma_sft.plan import MERGED_BATCH_TOKENS, merge_micro_batches
 
     def merged(accumulation, longest, batch=1, packing=False):
         args = SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,

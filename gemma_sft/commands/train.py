@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ################
     outputs.create_output_dir(training_args.output_dir, run_args.overwrite_output_dir)
     guard = StopOnNonFiniteLoss()
-    trainer = build_trainer(training_args, model_args, prepared, tokenizer, recipe.speed, [guard])
+    trainer = build_trainer(training_args, model_args, prepared, tokenizer, recipe.speed, [guard], recipe.plan)
+    trainer.accelerator.print(recipe.plan.summary())
+    if trainer.is_world_process_zero():
+        outputs.save_plan(training_args.output_dir, recipe.plan)
     if trainer.accelerator.num_processes > 1 and trainer.accelerator.distributed_type == "NO":
         raise UserError(
             "several processes were launched but accelerate set up no data parallelism, so each would train its "

@@ -9,7 +9,7 @@ every span. `tokenize` does that and returns what transformers returns, token fo
 
 It checks every row: where the bytes do not add up to the rendered text (a literal "▁" in it, an unknown token), the
 row goes through transformers instead, as does every row of a tokenizer of another kind. Switch:
-`fast_answer_mask` (gemma_sft/patches/registry.py); checked with transformers 5.17.0 and tokenizers 0.23.3.
+`fast_answer_mask`, a data setting of the recipe; checked with transformers 5.17.0 and tokenizers 0.23.3.
 """
 
 import contextlib

@@ -40,7 +40,7 @@ def code_digest() -> str:
     global _CODE
     if _CODE is None:
         here = Path(__file__).parent
-        _CODE = digest(*((here / name).read_bytes() for name in ("data.py", "cache.py", "answer_mask.py")))
+        _CODE = digest(*(path.read_bytes() for path in sorted(here.glob("*.py"))))  # every module of data/
     return _CODE
 
 

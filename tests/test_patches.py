@@ -31,11 +31,13 @@ PROCESS_WIDE = ["fused_qlora", "fused_output_head", "pack_in_one_pass", "tuned_f
 def test_every_entry_has_a_switch_and_every_switch_an_entry():
     switches = {f.name for f in dataclasses.fields(SpeedArguments)}
     not_entries = {"lora_dropout_in_kernels", "merge_micro_batches"}  # a setting of fused_qlora's; a batching choice
-    assert {entry.switch for entry in patches.SPEEDUPS} == switches - not_entries
-    for entry in patches.SPEEDUPS:
+    assert {entry.switch for entry in patches.PATCHES} == switches - not_entries
+    kinds = {entry.switch: entry.kind for entry in patches.PATCHES}
+    assert set(kinds.values()) == {patches.SPEED, patches.FIX} and kinds["fsdp_checkpoint_fixes"] == patches.FIX
+    for entry in patches.PATCHES:
         assert entry.library in ("peft", "trl", "transformers") and entry.checked_with.count(".") == 2
     requirements = (REPO_ROOT / "requirements.txt").read_text()
-    for entry in patches.SPEEDUPS:  # checked against the version the project pins
+    for entry in patches.PATCHES:  # checked against the version the project pins
         assert f"{entry.library}=={entry.checked_with}\n" in requirements, entry.switch
 
 
