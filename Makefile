@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-ADAPTER ?= outputs/gemma3-270m-belle-demo
+# The adapter `make train` writes on this machine (with the same RECIPE): the verbs after it use that one.
+ADAPTER ?= $(shell $(PY) -m gemma_sft.hardware --adapter $(RECIPE) 2>/dev/null || echo outputs/gemma3-270m-belle-demo)
 OUTPUT ?= $(ADAPTER)-merged
 GGUF ?= $(ADAPTER)-gguf
 TYPE ?= f16
@@ -63,7 +64,7 @@ bench-quality: install  ## time to quality (needs a CUDA GPU): held-out loss aga
 bench-data: install  ## data preparation of 519,255 Belle-shaped rows (CPU): time and memory, empty cache then cached -> bench/results/data-prep.json
 	$(PY) bench/data_prep.py
 
-lint: install  ## ruff check and format check
+lint: install  ## ruff check and format check (CI runs it)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -9,8 +9,6 @@ is avoided, whether the compiler works per layer, and which patches apply.
 import os
 from dataclasses import asdict, dataclass, field
 
-from gemma_sft import patches
-
 # Unpacked batches are padded to a multiple of this: few shapes (few CUDA graphs to capture), little padding, and
 # never a length of 64 more than a multiple of 128, where cuDNN's attention backward can return NaN (attention.py).
 UNPACKED_PAD = 128
@@ -81,6 +79,7 @@ def merge_micro_batches(training_args, longest: int) -> int:
 def settle_training(training_args, model_args, speed, train_lengths, plan: Plan | None = None) -> Plan:
     """The part decided once the rows are known, just before the model loads: micro-batch merging, the attention
     kernels, per-layer compilation and the patches. Applies each decision (training_args, torch, the environment)."""
+    from gemma_sft import patches  # torch, Triton: only once training is certain
     from gemma_sft.patches import attention
 
     plan = plan or Plan()

@@ -31,7 +31,7 @@ def test_every_bundled_row_gets_transformers_ids_and_mask(tokenizer):
     conversations = _belle_conversations(SAMPLE) + _belle_conversations(REPO_ROOT / "data" / "belle_eval_zh.jsonl")
     assert answer_mask.token_bytes(tokenizer) is not None  # Gemma 3's tokenizer takes the fast path
     ids, masks = _same(tokenizer, conversations)
-    assert len(ids) == len(conversations) > 800 and all(sum(mask) > 1 for mask in masks)
+    assert len(ids) == len(conversations) > 500 and all(sum(mask) > 1 for mask in masks)
 
 
 def test_system_prompts_and_several_turns(tokenizer):
