@@ -9,7 +9,7 @@ GGUF ?= $(ADAPTER)-gguf
 TYPE ?= f16
 RECIPE ?=
 
-.PHONY: install train demo test test-fast eval chat merge export webui bench bench-quality bench-data lint format clean
+.PHONY: install train demo test test-fast eval chat merge export webui serve bench bench-quality bench-data lint format clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,9 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed  ## create .venv/ from the pinned requirements.txt
 
-# llama.cpp itself, for the test that runs an exported GGUF file in it: llama-cpp-python built from its PyPI source
-# release, the CPU library only (no tools, examples, server or multimodal part), about 9 minutes on 2 cores, once.
+# llama.cpp itself, where export.py checks its GGUF file and serve.py serves it: llama-cpp-python built from its PyPI
+# source release, the CPU library only (no C++ tools, examples, server or multimodal part), about 9 minutes on 2 cores,
+# once; its Python OpenAI-compatible server and the openai client (for the server's tests) come with it.
 LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF
 $(VENV)/.llama-cpp: requirements-llama-cpp.txt $(VENV)/.installed
@@ -37,8 +38,8 @@ demo: install  ## the CPU demo end to end: train the 270M, then evaluate it
 test: install $(VENV)/.llama-cpp  ## every test, offline (the slow end-to-end ones included; builds llama.cpp once)
 	$(PY) -m pytest -n 2 --dist loadgroup
 
-test-fast: install  ## the fast tests only
-	$(PY) -m pytest -n 2 -m "not slow"
+test-fast: install  ## the tests that train nothing (under 3 minutes on 2 cores)
+	$(PY) -m pytest -n 2 -m "not slow and not train"
 
 eval: install  ## base vs adapter: answer loss, perplexity, generations, loss curve -> ADAPTER/report.md
 	$(PY) evaluate.py --adapter $(ADAPTER)
@@ -54,6 +55,11 @@ export: install  ## merge ADAPTER and write one GGUF file (TYPE=f16 or q8_0) wit
 
 webui: install  ## base and adapter side by side in the browser, streamed, with the report -> http://127.0.0.1:7860
 	$(PY) webui.py --adapter $(ADAPTER)
+
+PORT ?= 8000
+serve: install $(VENV)/.llama-cpp  ## OpenAI-compatible endpoint for ADAPTER's GGUF (exported first when GGUF is missing) on llama.cpp -> http://127.0.0.1:PORT/v1
+	@test -e $(GGUF) || $(PY) export.py --adapter $(ADAPTER) --output $(GGUF) --type $(TYPE)
+	$(PY) serve.py --adapter $(ADAPTER) --gguf $(GGUF) --port $(PORT)
 
 bench: install  ## throughput benchmark (needs a CUDA GPU): original settings vs ours -> bench/results.json
 	$(PY) bench/bench.py

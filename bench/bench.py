@@ -7,6 +7,13 @@ bitsandbytes). Each set-up runs in its own process so memory peaks and kernel pa
 
     python bench/bench.py                       # every set-up; results in bench/results.json and a table
     python bench/bench.py --only ours original  # a subset
+    python bench/bench.py --only ours unsloth ours_8k unsloth_8k --unsloth-pythonpath DIR   # against Unsloth
+
+Against Unsloth: `unsloth` and `unsloth_8k` run bench/unsloth_reference.py in Unsloth's own environment (it pins its
+own TRL and datasets): another interpreter (--unsloth-python, e.g. a venv's bin/python) or this one with Unsloth's
+packages on PYTHONPATH instead of ours (--unsloth-pythonpath, e.g. a `pip install --target` folder). Same random
+checkpoint, rows and tokens per step as `ours` (16,384) and `ours_8k` (8,192); a second table gives ours over Unsloth
+for each pair, and the results go to bench/results/DATE-CARD-ours-vs-unsloth.json.
 
 Figures: trained tokens/s is the real tokens of the steps after the warm-up steps over their time (padding that
 makes every packed row one shape costs time and counts no tokens); start-up is model load plus everything
@@ -26,6 +33,7 @@ import math
 import os
 import pstats
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -255,6 +263,11 @@ SETUPS = {
 }
 
 
+# Unsloth (bench/unsloth_reference.py, in its own environment): name -> (tokens per packed row and optimizer step,
+# our set-up it is compared with, at the same tokens per step). Not in the default list: it needs that environment.
+UNSLOTH = {"unsloth": (16384, "ours"), "unsloth_8k": (8192, "ours_8k")}
+
+
 def gpus_needed(launcher: list[str] | None) -> int:
     """How many GPUs a set-up's accelerate launch flags ask for (a plain process: one)."""
     return int(launcher[launcher.index("--num_processes") + 1]) if launcher else 1
@@ -449,6 +462,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "tokens_per_s": round(tok_s),  # all processes together: the Trainer sums tokens seen across ranks
         "tokens_per_s_per_gpu": round(tok_s / processes),
         "tokens_per_step": tokens_per_step,
+        "max_length": training_args.max_length,
         "startup_s": round(timer.first_step_at - started, 1),
         "warmup_excess_s": round(warmup_excess, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
@@ -536,14 +550,88 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['setup']} | {r['processes']} | {r['tokens_per_s']:,}{replayed} | {r['tokens_per_s_per_gpu']:,} | "
             f"{r['tokens_per_step']:,} | {r['startup_s']} | {r.get('warmup_excess_s', '')} | {r['peak_gib']} | "
-            f"{r.get('peak_reserved_gib', '')} | {r['mfu_percent']} | {r['mission_wall_s']:,} | {loss} |"
+            f"{r.get('peak_reserved_gib', '')} | {r['mfu_percent']} | {r.get('mission_wall_s', 0):,} | {loss} |"
         )
     return "\n".join(lines)
 
 
+def against_unsloth(results: list[dict]) -> list[tuple[dict, dict]]:
+    """Pair each Unsloth result with our set-up at the same tokens per step; fill in Unsloth's mission-job estimate
+    (computed as ours: start-up + warm-up extra + the job's tokens at the steady rate) and ours over Unsloth."""
+    by_name = {r["setup"]: r for r in results if "error" not in r}
+    pairs = []
+    for name, (_, ours_name) in UNSLOTH.items():
+        theirs, ours = by_name.get(name), by_name.get(ours_name)
+        if theirs is None:
+            continue
+        donor = ours or next((r for r in by_name.values() if "mission_tokens" in r), {})  # the job's tokens
+        mission_tokens = donor.get("mission_tokens")
+        if mission_tokens:
+            theirs["mission_tokens"] = mission_tokens
+            theirs["mission_wall_s"] = round(
+                theirs["startup_s"] + theirs["warmup_excess_s"] + mission_tokens / theirs["tokens_per_s"]
+            )
+        if ours is None:
+            continue
+        ratios = {
+            "tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
+            "peak_gib": ours["peak_gib"] / theirs["peak_gib"],
+            "startup_and_warmup_s": (ours["startup_s"] + ours["warmup_excess_s"])
+            / (theirs["startup_s"] + theirs["warmup_excess_s"]),
+            "mission_wall_s": ours["mission_wall_s"] / theirs["mission_wall_s"] if mission_tokens else None,
+        }
+        theirs["ours_over_unsloth"] = {"ours": ours_name, **{k: v and round(v, 3) for k, v in ratios.items()}}
+        pairs.append((ours, theirs))
+    return pairs
+
+
+def unsloth_table(pairs: list[tuple[dict, dict]], date: str) -> str:
+    """Ours against Unsloth: both rows and their ratio for each tokens-per-step, naming the card(s) and the date."""
+    cards = sorted({r["card"] for pair in pairs for r in pair})
+    lines = [
+        f"Ours against Unsloth, {' and '.join(cards)}, {date} (one machine, one call; same random checkpoint, rows "
+        "and tokens per step; ratio = ours / Unsloth):",
+        "",
+        "| tokens per step | set-up | tokens/s | peak GiB (reserved) | start-up + warm-up extra s | mission job s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ours, theirs in pairs:
+        n = f"{UNSLOTH[theirs['setup']][0]:,}"
+        for r in (ours, theirs):
+            lines.append(
+                f"| {n} | {r['setup']} | {r['tokens_per_s']:,} | {r['peak_gib']} ({r['peak_reserved_gib']}) | "
+                f"{r['startup_s']} + {r['warmup_excess_s']} | {r.get('mission_wall_s', '')} |"
+            )
+        q = theirs["ours_over_unsloth"]
+        mission = f"{q['mission_wall_s']:.2f}x" if q["mission_wall_s"] else ""
+        lines.append(
+            f"| {n} | **ours / Unsloth** | **{q['tokens_per_s']:.2f}x** | {q['peak_gib']:.2f}x | "
+            f"{q['startup_and_warmup_s']:.2f}x | {mission} |"
+        )
+    return "\n".join(lines)
+
+
+def card_slug(card: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', for file names."""
+    found = re.search(r"\b([A-Z]{1,2}\d{2,3}[A-Z]?|RTX \d{4}|\d{4})\b", card.removeprefix("NVIDIA "))
+    return (found.group(1) if found else card).lower().replace(" ", "-")
+
+
+def run_process(name: str, command: list[str], env: dict, out: Path) -> dict:
+    """One set-up in its own process: its RESULT line, or its last error line (the error output kept beside out)."""
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if found:
+        return json.loads(found[-1][7:])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    out.with_name(f"{name}.stderr.txt").write_text(proc.stderr[-20000:], encoding="utf-8")
+    print(proc.stderr[-3000:], file=sys.stderr)
+    return {"setup": name, "error": tail}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=sorted(SETUPS), help="run these set-ups only")
+    parser.add_argument("--only", nargs="*", choices=sorted(SETUPS) + sorted(UNSLOTH), help="run these set-ups only")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per set-up")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state figure")
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/gemma-sft-bench"))
@@ -554,7 +642,18 @@ def main() -> int:
         "the 270M's speed, bench/gemma-3-12b-it.config.json for FSDP memory scaling)",
     )
     parser.add_argument("--tokenizer", help="folder with the Gemma 3 tokenizer (default: the embedded one)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument(
+        "--out",
+        help="results file (default: bench/results.json; with an Unsloth set-up "
+        "bench/results/DATE-CARD-ours-vs-unsloth.json)",
+    )
+    parser.add_argument("--unsloth-python", default=sys.executable, help="interpreter of Unsloth's environment")
+    parser.add_argument(
+        "--unsloth-pythonpath",
+        help="PYTHONPATH for the Unsloth set-ups, instead of this environment's (a folder Unsloth was installed into "
+        "with pip install --target)",
+    )
+    parser.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="the date the results are named with")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one set-up in this process
     args = parser.parse_args()
 
@@ -572,6 +671,15 @@ def main() -> int:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
 
+    names = args.only or list(SETUPS)
+    card = torch.cuda.get_device_name()
+    if args.out:
+        out = Path(args.out)
+    elif any(name in UNSLOTH for name in names):
+        out = ROOT / "bench" / "results" / f"{args.date}-{card_slug(card)}-ours-vs-unsloth.json"
+    else:
+        out = ROOT / "bench" / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     if not data_file.exists():
         build_data(data_file)
@@ -581,37 +689,38 @@ def main() -> int:
         build_checkpoint(
             checkpoint, Path(args.tokenizer) if args.tokenizer else embedded.tokenizer_dir(), model_config
         )
+    one_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     results = []
-    for name in args.only or list(SETUPS):
-        steps = args.steps
-        launcher = SETUPS[name][3]
-        prefix = (
-            [sys.executable] if launcher is None else [sys.executable, "-m", "accelerate.commands.launch", *launcher]
-        )
-        command = [*prefix, __file__, "--run", name, "--steps", str(steps), "--warmup", str(args.warmup),
-                   "--work", str(work), "--model-config", str(model_config)]  # fmt: skip
-        print(f"== {name}: {SETUPS[name][0]}", flush=True)
-        gpus = gpus_needed(launcher)
-        if torch.cuda.device_count() < gpus:
-            results.append({"setup": name, "error": f"needs {gpus} GPUs"})
-            continue
-        env = (
-            os.environ
-            if gpus > 1
-            else {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
-        )
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
-        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if found:
-            results.append(json.loads(found[-1][7:]))
+    for name in names:
+        common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--work", str(work),
+                  "--model-config", str(model_config)]  # fmt: skip
+        if name in UNSLOTH:
+            tokens = UNSLOTH[name][0]
+            print(f"== {name}: Unsloth (bench/unsloth_reference.py), {tokens:,} tokens per step", flush=True)
+            command = [args.unsloth_python, str(ROOT / "bench" / "unsloth_reference.py"), "--max_length",
+                       str(tokens), *common, "--out", str(work / f"{name}.json")]  # fmt: skip
+            env = {**one_gpu, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+            if args.unsloth_pythonpath:
+                env["PYTHONPATH"] = args.unsloth_pythonpath
+            results.append({**run_process(name, command, env, out), "setup": name})
         else:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            results.append({"setup": name, "error": tail})
-            Path(args.out).with_name(f"{name}.stderr.txt").write_text(proc.stderr[-20000:], encoding="utf-8")
-            print(proc.stderr[-3000:], file=sys.stderr)
+            launcher = SETUPS[name][3]
+            prefix = [sys.executable] if launcher is None else [sys.executable, "-m", "accelerate.commands.launch",
+                                                                 *launcher]  # fmt: skip
+            print(f"== {name}: {SETUPS[name][0]}", flush=True)
+            gpus = gpus_needed(launcher)
+            if torch.cuda.device_count() < gpus:
+                results.append({"setup": name, "error": f"needs {gpus} GPUs"})
+                continue
+            command = [*prefix, __file__, "--run", name, *common]
+            results.append(run_process(name, command, os.environ if gpus > 1 else one_gpu, out))
+        pairs = against_unsloth(results)
         print(table(results[-1:]).splitlines()[-1], flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")  # kept if cut short
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")  # kept if cut short
     print("\n" + table(results))
+    if pairs:
+        print("\n" + unsloth_table(pairs, args.date))
+    print(f"\nresults: {out}")
     return 0
 
 

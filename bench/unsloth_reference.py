@@ -6,14 +6,15 @@ Uses the random checkpoint and Belle-like rows that `python bench/bench.py` buil
 itself when missing). Unsloth's fast path: QLoRA r=16, alpha 32 on every attention and MLP projection of the
 language model, LoRA dropout 0, its own gradient checkpointing and compiled kernels, TRL packing padding-free.
 
-    python bench/bench.py --only ours nodrop       # ours first, same work folder
-    python bench/unsloth_reference.py --max_length 16384 --out bench/results-unsloth.json
+    python bench/bench.py --only ours unsloth --unsloth-pythonpath DIR   # both, one call, with the ratios
+    python bench/unsloth_reference.py --max_length 16384 --out bench/results-unsloth.json   # this one alone
 
 Figures are computed by bench.py's own `steady_figures`: trained tokens over the time of the steps after the
 warm-up.
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -23,12 +24,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def versions(*names: str) -> dict:
+    """The installed versions of these packages (None where one is not installed as a distribution)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/gemma-sft-bench"))
     parser.add_argument("--max_length", type=int, default=16384, help="tokens per packed row (= per optimizer step)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state figure")
+    parser.add_argument("--model-config", default=None, help="architecture (default: bench.py's, gemma-3-4b-it)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results-unsloth.json"))
     args = parser.parse_args()
 
@@ -48,13 +61,14 @@ def main() -> int:
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint, data_file = bench.work_files(work, bench.CONFIG)
+    model_config = Path(args.model_config).resolve() if args.model_config else bench.CONFIG
+    checkpoint, data_file = bench.work_files(work, model_config)
     if not data_file.exists():
         bench.build_data(data_file)
     if not checkpoint.exists():
         from gemma_sft.models import embedded
 
-        bench.build_checkpoint(checkpoint, embedded.tokenizer_dir(), bench.CONFIG)
+        bench.build_checkpoint(checkpoint, embedded.tokenizer_dir(), model_config)
 
     model, processor = FastModel.from_pretrained(
         str(checkpoint), max_seq_length=args.max_length, dtype=torch.bfloat16, load_in_4bit=True
@@ -110,17 +124,28 @@ def main() -> int:
     )  # fmt: skip
     trainer.train()
     tok_s, warmup_excess, tokens_per_step = bench.steady_figures(timer.times, timer.tokens, args.warmup)
+    card = torch.cuda.get_device_name()
+    peak = next((v for k, v in bench.DENSE_BF16_PEAK.items() if k in card), 989e12)
+    flops = bench.flops_per_token(json.loads(model_config.read_text()))
     result = {
         "setup": f"unsloth_{args.max_length}",
         "description": f"unsloth {unsloth.__version__}, one packed row of {args.max_length:,} tokens per step, "
         "LoRA dropout 0, its gradient checkpointing",
-        "card": torch.cuda.get_device_name(),
+        "model": model_config.name.removesuffix(".config.json"),
+        "card": card,
+        "processes": 1,
         "tokens_per_s": round(tok_s),
+        "tokens_per_s_per_gpu": round(tok_s),
         "tokens_per_step": tokens_per_step,
+        "max_length": args.max_length,
         "startup_s": round(timer.first_step_at - started, 1),
         "warmup_excess_s": round(warmup_excess, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 1),
+        "mfu_percent": round(100 * tok_s * flops / peak, 1),
+        "versions": versions(
+            "unsloth", "unsloth_zoo", "trl", "datasets", "peft", "bitsandbytes", "transformers", "torch"
+        ),
         "losses": timer.losses,
         "step_s": [round(t, 3) for t in timer.times],
         "step_tokens": timer.tokens,

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from gemma_sft import UserError, plan
+from gemma_sft import UserError, checks, plan
 
 # The flags of the original single-script tool, kept so its users' commands keep working.
 FLAG_ALIASES = {
@@ -67,13 +67,24 @@ class RunArguments:
 
     eval_report: bool = field(
         default=True,
-        metadata={"help": "After training, compare base and adapter on the held-out rows (output_dir/report.md)."},
+        metadata={
+            "help": "After training, compare base and adapter on the held-out rows (output_dir/report.md). false: no "
+            "evaluation after training at all, unless eval_strategy asks for the Trainer's own."
+        },
     )
     dry_run: bool = field(
         default=False, metadata={"help": "Check and tokenize the data, print a summary, exit without training."}
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow replacing a finished adapter already in output_dir."}
+    )
+    resume_with_changed_settings: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume an interrupted run although settings its checkpoint carries (learning rate, schedule, "
+            "batch shape, data...) changed since it started; the checkpoint's optimizer, schedule and place in the "
+            "data are kept (resume.py)."
+        },
     )
 
 
@@ -192,7 +203,7 @@ def load_recipe(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    text = checks.read_text(path)
     try:
         root = yaml.compose(text)
         values = yaml.safe_load(text)
@@ -249,6 +260,8 @@ def parse(argv: list[str] | None = None) -> Recipe:
 
     parser = RecipeParser(DATACLASSES)
     _check_value_types(parser, recipe, recipe_path)
+    lines = checks.key_lines(checks.read_text(Path(recipe_path))) if recipe_path else {}
+    checks.check_types(recipe, recipe_path, lines, DATACLASSES)
     parser.set_defaults_with_config(**recipe)
     try:
         data_args, training_args, model_args, run_args, speed_args, unknown = parser.parse_args_into_dataclasses(
@@ -276,6 +289,8 @@ def parse(argv: list[str] | None = None) -> Recipe:
     # the recipe's keys, then the flags given, with their final values (flags win)
     flags = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--")]
     owners = {key: obj for obj in (model_args, training_args, data_args, run_args, speed_args) for key in vars(obj)}
+    places = checks.places_of(recipe, recipe_path, lines, [flag for flag in flags if flag in owners])
+    checks.check_ranges({key: getattr(owners[key], key) for key in places}, places)
     keys = dict.fromkeys([*recipe, *SAMPLING_KEYS, *flags])
     resolved = {key: _plain(getattr(owners[key], key)) for key in keys if key in owners}
     if "include_num_input_tokens_seen" in resolved:  # transformers turns true/false into "all"/"no", which its own

@@ -1,8 +1,12 @@
-"""The output directory: never clobber a finished adapter, resume interrupted runs, write the adapter atomically."""
+"""The output directory: one run at a time, never clobber a finished adapter, resume interrupted runs, write the
+adapter atomically."""
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -12,6 +16,56 @@ from gemma_sft.publish import move_files_into
 
 ADAPTER_CONFIG = "adapter_config.json"  # written last: its presence means the adapter is complete
 STAGING = ".adapter-staging"
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str):
+    """Hold the output directory for this run: an exclusive lock on `.NAME.lock` beside it (so taking it writes nothing
+    into the folder), held until the run ends; a second run on the same folder is refused with the holder's pid."""
+    folder = Path(output_dir).absolute()
+    path = folder.parent / f".{folder.name}.lock"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise UserError(
+                    f"{output_dir}: another run ({holder}) is using this output folder; wait for it to end or "
+                    "choose another output_dir"
+                ) from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # its holder removed it on finishing, after this process opened it: take a fresh one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+    except OSError as exc:
+        raise UserError(f"{output_dir}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: a process waiting on this file sees it is gone and takes a new one
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    for _ in range(20):  # the holder writes its pid just after taking the lock
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.05)
+    return "another process"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> str | None:
@@ -74,7 +128,8 @@ def create_output_dir(output_dir: str, overwrite: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
+def save_adapter(trainer, output_dir: str, resolved_recipe: dict, note: str = "") -> None:
+    """The adapter, tokenizer and resolved recipe (with `note`, e.g. settings changed on resuming, as a comment)."""
     folder = Path(output_dir)
     staging = folder / STAGING
     try:
@@ -87,7 +142,9 @@ def save_adapter(trainer, output_dir: str, resolved_recipe: dict) -> None:
             trainer.processing_class.save_pretrained(str(staging))
             text = yaml.safe_dump(resolved_recipe, allow_unicode=True, sort_keys=False)
             (staging / "recipe.yaml").write_text(
-                "# The recipe this adapter was trained with (recipe file and flags resolved).\n" + text,
+                "# The recipe this adapter was trained with (recipe file and flags resolved).\n"
+                + "".join(f"# {line}\n" for line in note.splitlines())
+                + text,
                 encoding="utf-8",
             )
             move_files_into(staging, folder, last=ADAPTER_CONFIG)

@@ -169,7 +169,22 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the trained tiny adapter share one xdist worker: the adapter is trained once, not once per worker."""
+    """Tests on the trained tiny adapter share one xdist worker: the adapter is trained once, not once per worker; and
+    they train, so `make test-fast` leaves them out."""
     for item in items:
         if "tiny_adapter" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("tiny_adapter"))
+            item.add_marker(pytest.mark.train)
+
+
+@pytest.fixture(autouse=True)
+def _training_is_marked(request, monkeypatch):
+    """A test that trains in this process must say so (@pytest.mark.train), so that the fast tier stays fast."""
+    if request.node.get_closest_marker("train") or request.node.get_closest_marker("slow"):
+        return
+    from transformers import Trainer
+
+    def refuse(self, *args, **kwargs):
+        pytest.fail("this test trains a model: mark it @pytest.mark.train (make test-fast leaves those out)")
+
+    monkeypatch.setattr(Trainer, "train", refuse)

@@ -32,14 +32,14 @@ def test_norms_in_stored_layout_give_the_same_outputs_and_gradients():
         return logits.detach(), grads, list(norm_inputs)
 
     plain_logits, plain_grads, plain_inputs = run()
-    assert patches.qk_norm_in_stored_layout(model) == 2 * 2  # q and k norms of both layers
+    assert attention.qk_norm_in_stored_layout(model) == 2 * 2  # q and k norms of both layers
     logits, grads, _ = run()
     assert not any(plain_inputs) and len(plain_inputs) == 4  # Gemma 3 hands them strided views
     torch.testing.assert_close(logits, plain_logits, atol=1e-6, rtol=1e-6)
     assert grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
-    assert patches.qk_norm_in_stored_layout(model) == 4  # idempotent: not wrapped twice
+    assert attention.qk_norm_in_stored_layout(model) == 4  # idempotent: not wrapped twice
     # what the wrapped norm hands the norm itself: the stored layout, contiguous
     norm, seen = model.model.layers[0].self_attn.q_norm, []
     plain_norm = type(norm)(32)

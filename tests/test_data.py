@@ -1,11 +1,14 @@
 """Data formats, sampling and every kind of bad input: a clear error naming file, line and field, or a counted skip."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from conftest import SAMPLE, belle_rows, run_script, write_jsonl
 
 from gemma_sft import UserError, data
+from gemma_sft.data import sampling, tables
 from sft import main as sft_main
 
 BELLE = {"instruction": "把句子翻译成英文。", "input": "我很好。", "output": "I am fine."}
@@ -173,7 +176,7 @@ def test_chunked_tokenizing_keeps_the_rows_one_at_a_time_would(tmp_path, tokeniz
     the rows kept, their ids and masks, and the skips counted are those of the one-row-at-a-time rule."""
     long_rows = [{"instruction": "长" * (200 + i), "output": "好"} for i in range(5)]
     path = write_jsonl(tmp_path / "rows.jsonl", belle_rows(23) + long_rows + [{"instruction": "空", "output": ""}])
-    monkeypatch.setattr(data, "TOKENIZE_BATCH", 4)
+    monkeypatch.setattr(tables, "TOKENIZE_BATCH", 4)
     settings = {"max_samples": max_samples, "eval_samples": 3, "max_length": 96, "seed": 3}
     got = draw_from(path, tokenizer, **settings)
     kept, skipped = reference_draw(path, tokenizer, **settings)
@@ -184,12 +187,13 @@ def test_chunked_tokenizing_keeps_the_rows_one_at_a_time_would(tmp_path, tokeniz
     assert got.train_answer_tokens == sum(sum(row["assistant_masks"]) for _, row in kept[3:]) > 0
 
 
-# Which rows of the bundled sample each setting draws, pinned when sampling moved to Arrow tables: the line numbers of
-# the held-out rows, then a digest of the eval and train line numbers in order, and the skips.
+# Which rows of the bundled sample each setting draws: the line numbers of the held-out rows, then a digest of the eval
+# and train line numbers in order, and the skips. Pinned when sampling moved to Arrow tables (the same draws as the
+# list-based code), and pinned again with the same code when the bundled rows were rewritten.
 PINNED_DRAWS = {
-    (50, 10, 256, 0): ([593, 492, 550, 198, 147], "4ed369b8f2d6", 77),
-    (0, 20, 512, 42): ([242, 445, 515, 481, 101], "2a73fba248e4", 40),
-    (100, 5, 384, 7): ([9, 145, 154, 601, 151], "2ff1c5898b75", 21),
+    (50, 10, 256, 0): ([396, 197, 18, 204, 259], "6454cbf8ba90", 23),
+    (0, 20, 512, 42): ([486, 38, 112, 509, 500], "e2713ca6fba9", 3),
+    (100, 5, 384, 7): ([256, 364, 469, 346, 96], "a01cfe33d751", 7),
 }
 
 
@@ -225,8 +229,8 @@ def test_prepared_rows_are_cached_and_a_change_is_never_served_stale(tmp_path, t
         raise AssertionError("rebuilt although nothing changed")
 
     with monkeypatch.context() as patched:
-        patched.setattr(data, "_convert_table", no_work)
-        patched.setattr(data, "_tokenize_batch", no_work)
+        patched.setattr(tables, "_convert_table", no_work)
+        patched.setattr(tables, "_tokenize_batch", no_work)
         again = draw_from(path, tokenizer, eval_samples=2)
     assert again.train.to_list() == first.train.to_list() and again.eval_messages == first.eval_messages
 
@@ -260,7 +264,7 @@ def test_worker_processes_give_the_same_rows(tmp_path, tokenizer):
 
 
 def test_streaming_reads_only_what_it_needs_seeded_and_disjoint(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "STREAM_BUFFER", 20)
+    monkeypatch.setattr(sampling, "STREAM_BUFFER", 20)
     rows = belle_rows(200) + [{"instruction": "坏", "output": 5}]  # a bad row never reached
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
 
@@ -291,10 +295,12 @@ def test_dry_run_on_the_bundled_sample_prints_a_summary_and_json(capsys, tmp_pat
     assert sft_main(["recipes/gemma3_270m_belle_demo.yaml", "--dry_run", "--output_dir", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     stats = json.loads(lines[-1])
-    # 48 training rows drawn from the sample; the held-out rows come from the separate file
-    assert stats["format"] == "belle" and (stats["train_rows"], stats["eval_rows"]) == (48, 24)
+    # the recipe's training rows drawn from the sample; the held-out rows come from the separate file
+    demo = yaml.safe_load(Path("recipes/gemma3_270m_belle_demo.yaml").read_text(encoding="utf-8"))
+    assert stats["format"] == "belle"
+    assert (stats["train_rows"], stats["eval_rows"]) == (demo["max_samples"], demo["eval_samples"])
     assert stats["rows_read"] == len(SAMPLE.read_text(encoding="utf-8").splitlines())
-    assert stats["train_tokens"] > 48 * 150  # Belle-length rows
+    assert stats["train_tokens"] > demo["max_samples"] * 80  # Belle-length rows: prompt, answer and the template
     assert any("<start_of_turn>model" in line for line in lines)
     assert not out.exists()
 

@@ -19,6 +19,9 @@ from conftest import (
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
+
+
 # Runs sft.main in each process and, at save time, also writes this rank's LoRA weights for the test to compare, with
 # the class that wraps the model in the file's metadata (not on stdout, which both ranks share: a rank's line can be
 # split by the other rank's writes).

@@ -1,6 +1,8 @@
 """export.py: the merged model as one GGUF file that transformers' GGUF reader and llama.cpp run like the HF model."""
 
 import errno
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ from conftest import run_script
 
 from gemma_sft import REPO_ROOT, UserError
 from gemma_sft.models import embedded
+
+pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
 
 CHINESE = "你好，请用三句话介绍一下北京的历史和文化。"
 MARKED = "<start_of_turn>user\n天气怎么样？<end_of_turn>\n<start_of_turn>model\n晴。<end_of_turn>\n\n\n  空格"
@@ -35,7 +39,14 @@ def parse_each_gguf_once():
         yield
 
 
+# `make test` builds llama.cpp and every export here then checks itself in it; `make test-fast` does not build it
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (see the Makefile)")
+
+
 def export(adapter, output, *flags):
+    if not HAVE_LLAMA_CPP:
+        flags = (*flags, "--no-verify")
     return run_script("export.py", "--adapter", adapter, "--output", output, *flags)
 
 
@@ -138,6 +149,8 @@ def test_tiny_adapter_exports_a_gguf_transformers_reads_back(tiny_adapter, tmp_p
     result = export(tiny_adapter, out)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "tiny-gguf.gguf"]
+    if HAVE_LLAMA_CPP:  # the file was read back in llama.cpp before it was published
+        assert "checked in llama.cpp: 3 chats give the merged model's prompt (one <bos>)" in result.stdout
     gguf = out / "tiny-gguf.gguf"
     reference, tokenizer = merged(tiny_adapter)
 
@@ -244,6 +257,44 @@ def test_unwritable_destination_is_one_line(quick_adapter, tmp_path):
     assert "cannot write there" in one_error_line(result)
     assert result.stderr.strip().count("\n") == 0  # refused before the model is loaded
     assert blocker.read_text() == "not a folder"
+
+
+@needs_llama_cpp
+def test_a_file_that_runs_differently_is_refused_and_not_written(quick_adapter, tmp_path, monkeypatch):
+    """A mapping bug (norms stored as w, not 1 + w: the file loads and runs, and answers wrongly) stops the export
+    at its self-check: one line naming the first differing token, and no folder."""
+    from gemma_sft.commands import export as export_script
+    from gemma_sft.export import gguf_file
+
+    original = gguf_file._as_array
+
+    def norms_as_they_are(tensor, gguf_name, kind):
+        return original(tensor - 1.0 if gguf_name.endswith("norm.weight") else tensor, gguf_name, kind)
+
+    monkeypatch.setattr(gguf_file, "_as_array", norms_as_they_are)
+    out = tmp_path / "wrong"
+    with pytest.raises(UserError, match="does not run like the model") as caught:
+        export_script.main(["--adapter", str(quick_adapter), "--output", str(out)])
+    assert "\n" not in str(caught.value) and "--no-verify" in str(caught.value)
+    assert not out.exists() and not no_leftovers(tmp_path)
+
+
+def test_no_verify_says_so(quick_adapter, tmp_path, capsys):
+    from gemma_sft.commands import export as export_script
+
+    assert export_script.main(["--adapter", str(quick_adapter), "--output", str(tmp_path / "x"), "--no-verify"]) == 0
+    assert "not checked in llama.cpp (--no-verify)" in capsys.readouterr().out
+
+
+def test_missing_llama_cpp_is_one_line_before_loading(quick_adapter, tmp_path, monkeypatch):
+    import gemma_sft.export
+    from gemma_sft.commands import export as export_script
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now fails as if not installed
+    monkeypatch.setattr(gemma_sft.export, "merged_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    with pytest.raises(UserError, match=r"llama\.cpp is not installed here.*--no-verify") as caught:
+        export_script.main(["--adapter", str(quick_adapter), "--output", str(tmp_path / "y")])
+    assert "\n" not in str(caught.value) and not (tmp_path / "y").exists()
 
 
 def test_full_disk_leaves_nothing_behind(quick_adapter, tmp_path, monkeypatch):

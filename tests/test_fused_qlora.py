@@ -96,7 +96,7 @@ def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_di
     results = []
     for keep in (False, True):
         if keep:
-            assert patches.keep_mlp_outputs(model) == 2  # both decoder layers
+            assert fused_qlora.keep_mlp_outputs(model) == 2  # both decoder layers
         count_fused_calls.clear()
         torch.manual_seed(1)
         loss = model(ids).logits.float().pow(2).mean()
@@ -114,9 +114,10 @@ def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_di
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(kept_grads[name], grad, atol=0, rtol=0, msg=name)
     # the wrapped checkpoint function is not wrapped twice
-    assert patches.keep_mlp_outputs(model) == 2
+    assert fused_qlora.keep_mlp_outputs(model) == 2
 
 
+@pytest.mark.train
 def test_training_with_fused_layers_learns_peft_adapter(tmp_path, tiny_model_dir, count_fused_calls):
     """sft.py routes every QLoRA layer through the fused function and learns PEFT's adapter. (TRL keeps QLoRA adapters
     in bf16, so their matmuls round differently by a hair: hence the bf16-sized tolerance.)"""

@@ -3,6 +3,7 @@
 import json
 import sys
 
+import pytest
 from conftest import SAMPLE, run_script, write_jsonl
 
 from gemma_sft import REPO_ROOT
@@ -51,6 +52,7 @@ def test_every_set_up_names_a_recipe_and_flags_sft_accepts():
     assert original.per_device_train_batch_size == 1 and original.learning_rate == 2e-4
 
 
+@pytest.mark.train
 def test_cpu_mode_trains_each_set_up_and_writes_curves_table_and_plot(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", [json.loads(line) for line in SAMPLE.read_text().splitlines()[:24]])
     held_out = write_jsonl(

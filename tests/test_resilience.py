@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 
 from gemma_sft import UserError, data, outputs
 
+pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
+
+
 DEMO = "recipes/gemma3_270m_belle_demo.yaml"
 
 

@@ -9,6 +9,8 @@ from conftest import belle_rows, run_script, write_jsonl
 from gemma_sft import UserError
 from gemma_sft.models import load_for_inference
 
+pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
+
 PROMPT = "<bos><start_of_turn>user\n计算 4 加 9 等于多少？<end_of_turn>\n<start_of_turn>model\n"
 
 

@@ -18,6 +18,8 @@ RELOAD = """
 import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
 base, adapter, four_bit, text = sys.argv[1:5]
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32) if four_bit == "1" else None

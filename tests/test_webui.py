@@ -16,6 +16,8 @@ import pytest
 from gemma_sft import REPO_ROOT
 from tests.conftest import run_script
 
+pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
+
 # Greedy answers of the tiny model to this prompt differ with and without its adapter (checked in
 # test_base_and_adapter_answers_differ), so the two panes must differ too.
 PROMPT = "计算 7 加 12 等于多少？"

@@ -1,5 +1,5 @@
-"""The verbs, one module each; sft.py, evaluate.py, chat.py, merge.py, export.py and webui.py at the top of a checkout
-and the `gemma-sft` command are thin wrappers over them."""
+"""The verbs, one module each; sft.py, evaluate.py, chat.py, merge.py, export.py, webui.py and serve.py at the top of
+a checkout and the `gemma-sft` command are thin wrappers over them."""
 
 VERBS = {
     "train": "fine-tune from a YAML recipe (sft.py)",
@@ -8,6 +8,7 @@ VERBS = {
     "merge": "merge the adapter into a 16-bit base (merge.py)",
     "export": "one GGUF file for llama.cpp and Ollama (export.py)",
     "webui": "base and adapter side by side in the browser (webui.py)",
+    "serve": "an OpenAI-compatible endpoint for the adapter's GGUF export (serve.py)",
 }
 MODULES = {
     "train": "train",
@@ -16,4 +17,5 @@ MODULES = {
     "merge": "merge",
     "export": "export",
     "webui": "webui",
+    "serve": "serve",
 }

@@ -8,16 +8,22 @@ model, our chat template, <end_of_turn> as the end-of-generation token), an Olla
 language model is exported: the vision tower is left out, so the GGUF takes text, not images. --type f16 keeps the
 weights at 16 bits; q8_0 quantizes the weight matrices to 8 bits (about half the size). The folder is built under
 a temporary name and renamed, so a failed export leaves nothing behind.
+
+Before the folder is published the file is read back in llama.cpp (gemma_sft/export/verify.py): on three fixed chats
+its prompt (one <bos>) and greedy answer must be the merged model's, and it must stop at <end_of_turn>; otherwise
+the export is refused with one line and nothing is written. --no-verify skips this (e.g. without llama.cpp).
 """
 
 import argparse
 from pathlib import Path
 
+from gemma_sft.errors import UserError
 from gemma_sft.publish import publish_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gemma_sft.export import check_destination, gguf_file, merged_model
+    from gemma_sft import models
+    from gemma_sft.export import check_destination, gguf_file, merged_model, verify
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="output_dir of a finished sft.py run")
@@ -26,9 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     parser.add_argument("--name", help="model name for the file and `ollama create` (default: the output folder's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="publish without reading the file back in llama.cpp")  # fmt: skip
     args = parser.parse_args(argv)
 
     output = check_destination(args.output, args.overwrite)
+    models.read_adapter_recipe(args.adapter)  # a missing adapter is the first thing said, before llama.cpp
+    if args.verify and (missing := verify.llama_cpp_missing()):
+        raise UserError(missing)  # before minutes of merging
     merged, tokenizer, base_path = merged_model(args.adapter, args.base)
 
     stem = args.name or output.name
@@ -41,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         (folder / "Modelfile").write_text(gguf_file.modelfile(f"{stem}.gguf"), encoding="utf-8")
         (folder / "README.md").write_text(gguf_file.readme(stem, args.type, multimodal), encoding="utf-8")
+        if args.verify:  # inside the build: a refused file is removed with its temporary folder
+            try:
+                checked.append(verify.check_gguf(folder / f"{stem}.gguf", merged, tokenizer, args.type))
+            except UserError as error:
+                raise UserError(f"{error}; {output} was left as it was (--no-verify skips this check)") from None
 
+    checked = []
     publish_dir(write, output, replace=True)
+    print(checked[0] if checked else "not checked in llama.cpp (--no-verify)")
     what = "language model only, vision tower left out" if multimodal else "text model"
     print(f"GGUF ({args.type}, {what}) saved to {output / (stem + '.gguf')}; `ollama create {stem} -f Modelfile`")
     return 0

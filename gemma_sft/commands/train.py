@@ -9,6 +9,7 @@ fields (gemma_sft/config.py); flags override the recipe. The original tool's --m
 --batch_size and --output_path still work.
 """
 
+import contextlib
 import json
 import os
 
@@ -16,17 +17,27 @@ from gemma_sft import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gemma_sft import config, data, hardware, models, outputs
+    from gemma_sft import config, outputs
+
+    recipe = config.parse(argv)
+    # One run per output folder: held from before anything is written there to the end (by the first process)
+    holding = not recipe.run.dry_run and os.environ.get("RANK", "0") == "0"
+    with outputs.run_lock(recipe.training.output_dir) if holding else contextlib.nullcontext():
+        return _run(recipe)
+
+
+def _run(recipe) -> int:
+    from gemma_sft import config, data, hardware, models, outputs, resume
     from gemma_sft.trainer import StopOnNonFiniteLoss, build_trainer
 
     ################
     # Recipe
     ################
-    recipe = config.parse(argv)
     training_args, model_args, run_args = recipe.training, recipe.model, recipe.run
     hardware.check_precision(training_args, model_args)
     if not run_args.dry_run:
         resume_from = outputs.check_output_dir(training_args.output_dir, run_args.overwrite_output_dir)
+        resumed_with = resume.check_settings(recipe, resume_from)  # refuses settings changed since the run started
         hardware.check_launch(model_args, training_args)
 
     ################
@@ -46,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     # Model and trainer: TRL packs, collates and trains; PEFT adds LoRA on the language model only
     ################
     outputs.create_output_dir(training_args.output_dir, run_args.overwrite_output_dir)
+    if not resume_from:
+        resume.record_start(training_args.output_dir, recipe.resolved)
     guard = StopOnNonFiniteLoss()
     trainer = build_trainer(training_args, model_args, prepared, tokenizer, recipe.speed, [guard], recipe.plan)
     trainer.accelerator.print(recipe.plan.summary())
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ################
     if resume_from:
         trainer.accelerator.print(f"Resuming from {resume_from}")
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = resume.train(trainer, resume_from)  # to exactly the last step, never past it
     guard.raise_if_tripped(training_args.output_dir)
 
     ################
@@ -81,14 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     # The report below scores the held-out rows for base and adapter; a final evaluation by the Trainer would only
-    # repeat the adapter's half of it (minutes on a CPU), so it runs only where no report follows.
+    # repeat the adapter's half of it (minutes on a CPU), so it runs only where no report follows: several processes
+    # with eval_report, or eval_report false with an eval_strategy (false alone means no evaluation at all).
     reporting = prepared.eval and run_args.eval_report and trainer.accelerator.num_processes == 1
-    if prepared.eval and not reporting:
+    if prepared.eval and not reporting and (run_args.eval_report or training_args.eval_strategy != "no"):
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
-    outputs.save_adapter(trainer, training_args.output_dir, recipe.resolved)
+    outputs.save_adapter(trainer, training_args.output_dir, recipe.resolved, resumed_with)
     trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}")
 
     ################

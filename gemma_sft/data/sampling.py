@@ -6,10 +6,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gemma_sft.checks import check_held_out_rows
+from gemma_sft.data import tables
 from gemma_sft.data.answer_mask import tokenize_many
 from gemma_sft.data.formats import Skip, category_of, detect_format, to_messages
 from gemma_sft.data.sources import stream_records
-from gemma_sft.data.tables import TOKENIZE_BATCH, Column, Conversations, load_conversations, tokenize_rows
+from gemma_sft.data.tables import Column, Conversations, load_conversations, tokenize_rows
 from gemma_sft.errors import UserError
 
 STREAM_BUFFER = 10_000  # rows a streamed source is shuffled within
@@ -82,7 +84,7 @@ def prepare(
     parts, picks, lengths, answers, at, kept = [], [], [], [], 0, 0
     while at < len(order) and (wanted is None or kept < wanted):
         need = len(order) - at if wanted is None else wanted - kept
-        size = min(len(order) - at, need + need // 16 + TOKENIZE_BATCH // 4)
+        size = min(len(order) - at, need + need // 16 + tables.TOKENIZE_BATCH // 4)
         rows = usable[order[at : at + size]].tolist()
         at += size
         tokens = tokenize_rows(conversations, rows, tokenizer, num_proc=num_proc, cache=cache, fast_mask=fast_mask)
@@ -186,7 +188,7 @@ def prepare_streaming(
             pending.append((to_messages(record, fmt, system_prompt), category_of(record)))
         except Skip as reason:
             skipped[str(reason)] += 1
-        if len(pending) == TOKENIZE_BATCH or len(kept) + len(pending) >= wanted:
+        if len(pending) == tables.TOKENIZE_BATCH or len(kept) + len(pending) >= wanted:
             flush()
         if len(kept) == wanted:
             break
@@ -241,6 +243,7 @@ def prepare_from_settings(settings: dict, tokenizer) -> PreparedData:
             load_conversations(separate_eval, system_prompt=settings["system_prompt"], **cached),
             tokenizer, max_samples=settings["eval_samples"], eval_samples=0, **common, **cached,
         )  # fmt: skip
+        check_held_out_rows(separate_eval, settings["eval_samples"], len(held_out.train))
         prepared.eval, prepared.eval_messages = held_out.train, list(held_out.train_messages)
         prepared.eval_categories = list(held_out.train_categories)
     return prepared
