@@ -2,6 +2,7 @@
 export.py, webui.py and the `gemma-sft` command.
 
     config, plan     the typed recipe, and every setting derived from it and the machine (one function, printed)
+    checks, resume   value checks before anything loads; a resume that refuses changed settings
     data/            rows -> chat messages -> tokens with the answer mask -> held-out and training rows
     models/          tokenizer with our chat template, base model (4-bit or not), the embedded Gemma 3 270M
     patches/         each replacement of another library's code, with its switch and checked version
