@@ -50,7 +50,7 @@ chat: install  ## talk to the adapter in the terminal
 merge: install  ## merge the adapter into a 16-bit base -> OUTPUT
 	$(PY) merge.py --adapter $(ADAPTER) --output $(OUTPUT)
 
-export: install  ## merge ADAPTER and write one GGUF file (TYPE=f16 or q8_0) with an Ollama Modelfile -> GGUF
+export: install $(VENV)/.llama-cpp  ## merge ADAPTER, write one GGUF file (TYPE=f16 or q8_0) checked in llama.cpp, with an Ollama Modelfile -> GGUF
 	$(PY) export.py --adapter $(ADAPTER) --output $(GGUF) --type $(TYPE)
 
 webui: install  ## base and adapter side by side in the browser, streamed, with the report -> http://127.0.0.1:7860

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -138,12 +139,16 @@ def main() -> None:
     prompts = [json.loads(line)["instruction"] for line in (ROOT / "data" / "belle_eval_zh.jsonl").open()][:32]
 
     levels = []
-    with server(adapter, gguf, args.threads, work / "serve.log") as url:
-        client = OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=3600)
-        measure(client, prompts, 1, 2, args.max_tokens)  # warm-up: first loads, caches
-        for clients in args.clients:
-            levels.append(measure(client, prompts, clients, args.requests, args.max_tokens))
-            print(json.dumps(levels[-1]), flush=True)
+    gguf_bytes = sum(f.stat().st_size for f in Path(gguf).glob("*.gguf"))
+    try:
+        with server(adapter, gguf, args.threads, work / "serve.log") as url:
+            client = OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=3600)
+            measure(client, prompts, 1, 2, args.max_tokens)  # warm-up: first loads, caches
+            for clients in args.clients:
+                levels.append(measure(client, prompts, clients, args.requests, args.max_tokens))
+                print(json.dumps(levels[-1]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the made adapter and its export: half a gigabyte
 
     date = datetime.date.today().isoformat()
     result = {
@@ -155,7 +160,7 @@ def main() -> None:
             "llama_cpp_python": llama_cpp.__version__,
             "threads": args.threads,
             "type": args.type,
-            "gguf_bytes": sum(f.stat().st_size for f in Path(gguf).glob("*.gguf")),
+            "gguf_bytes": gguf_bytes,
         },
         "request": {"max_tokens": args.max_tokens, "temperature": 0, "prompts": "data/belle_eval_zh.jsonl"},
         "levels": levels,

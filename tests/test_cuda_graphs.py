@@ -5,13 +5,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
+from test_train import DEMO, train_in_process
 
 from gemma_sft import patches
 from gemma_sft.patches import attention, cuda_graphs
-from tests.conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
-from tests.test_train import DEMO, train_in_process
 
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def GPU(test):
+    """A test that trains on a GPU: skipped without one, and left out of the fast tier."""
+    return pytest.mark.train(NEEDS_GPU(test))
 
 
 def test_graphs_apply_to_unpacked_training_in_one_process_on_a_gpu(monkeypatch):

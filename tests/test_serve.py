@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_script
 from test_export import GREEDY_TOKENS, export, merged, random_adapter
 
-from gemma_sft import REPO_ROOT
+from gemma_sft import REPO_ROOT, UserError
 from gemma_sft.export import layout
 from gemma_sft.models import embedded
 
@@ -60,13 +59,6 @@ def running_server(log: Path, *args, timeout: float = 600):
             process.wait()
 
 
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
-
-
 # --- the endpoint on the embedded Gemma 3 270M (slow: one export, one server, one reference model per module) ---
 
 
@@ -100,14 +92,23 @@ def client(adapter, gguf):
         yield openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=600)
 
 
-def greedy(reference, messages, tokens: int = GREEDY_TOKENS) -> tuple[str, int, str]:
+_greedy_answers = {}
+
+
+def greedy(reference, messages) -> tuple[str, int, str]:
     """The merged model's greedy answer in transformers: (text, token count without the stop, finish_reason)."""
-    model, tokenizer = reference
+    key = json.dumps(messages, ensure_ascii=False)
+    if key not in _greedy_answers:
+        _greedy_answers[key] = _greedy(*reference, messages)
+    return _greedy_answers[key]
+
+
+def _greedy(model, tokenizer, messages) -> tuple[str, int, str]:
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     with torch.no_grad():
-        answer = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False, eos_token_id=stops,
+        answer = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=stops,
                                 pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()  # fmt: skip
     if answer[-1] in stops:
         return tokenizer.decode(answer[:-1]), len(answer) - 1, "stop"
@@ -177,7 +178,7 @@ def test_the_answer_ends_at_end_of_turn_and_prints_no_template_token(client, ref
     assert ask_streamed(client, ENGLISH, logit_bias={str(end_of_turn): 100}) == ("", "stop")
     # Pushed towards the other template tokens, none of them shows up as text either
     nudged = {str(tokenizer.convert_tokens_to_ids(t)): 5 for t in ("<start_of_turn>", "<bos>", "<pad>")}
-    clean(ask(client, CHINESE, logit_bias=nudged).choices[0].message.content)
+    clean(ask(client, CHINESE, logit_bias=nudged, max_tokens=8).choices[0].message.content)
 
 
 @pytest.mark.slow
@@ -242,13 +243,23 @@ def small_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     return random_adapter(tiny_model_dir, tmp_path_factory.mktemp("small") / "small", str(tiny_model_dir))
 
 
+def refusal(*argv) -> str:
+    """serve.py's one-line refusal (exit status 2 through gemma_sft.errors.run), in this process: no start-up cost."""
+    from gemma_sft.commands import serve
+
+    with pytest.raises(UserError) as caught:
+        serve.main([str(arg) for arg in argv])
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
 def test_without_an_export_it_says_how(small_adapter):
-    line = one_error_line(run_script("serve.py", "--adapter", small_adapter))
+    line = refusal("--adapter", small_adapter)
     assert f"no GGUF export at {small_adapter}-gguf" in line and "python export.py --adapter" in line
 
 
 def test_a_missing_adapter_is_one_line(tmp_path):
-    assert "adapter_config.json missing" in one_error_line(run_script("serve.py", "--adapter", tmp_path))
+    assert "adapter_config.json missing" in refusal("--adapter", tmp_path)
 
 
 def test_other_hosts_get_a_warning():
@@ -348,12 +359,25 @@ def loads_whole_in_transformers(folder: Path) -> None:
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
 
 
+@pytest.fixture(scope="module")
+def merged_small(small_adapter) -> Path:
+    """small_adapter merged by merge.py: a Gemma3ForCausalLM like the 270M (tests change copies of it)."""
+    from gemma_sft.commands import merge
+
+    out = small_adapter.parent / "small-merged"
+    assert merge.main(["--adapter", str(small_adapter), "--output", str(out)]) == 0
+    return out
+
+
 @pytest.mark.parametrize("kind", ["text", "multimodal"])
-def test_merged_folders_have_the_layout_vllm_and_transformers_load(kind, tiny_model_dir, hub_multimodal_dir,
+def test_merged_folders_have_the_layout_vllm_and_transformers_load(kind, merged_small, hub_multimodal_dir,
                                                                    tmp_path):  # fmt: skip
     """270M-like (Gemma3ForCausalLM) and 4B-like (Gemma3ForConditionalGeneration) merges: the check passes, and
     agrees with transformers' real loader; the known ways to get it wrong are caught."""
-    folder = merged_folder(tiny_model_dir if kind == "text" else hub_multimodal_dir, tmp_path / "merged")
+    if kind == "text":
+        folder = Path(shutil.copytree(merged_small, tmp_path / "merged"))
+    else:
+        folder = merged_folder(hub_multimodal_dir, tmp_path / "merged")
     config = layout.read_config(folder)
     assert config["architectures"] == [layout.TEXT_CLASS if kind == "text" else layout.MULTIMODAL_CLASS]
     assert layout.check_merged(folder) == []
@@ -381,22 +405,20 @@ def test_a_vision_tower_vllm_cannot_load_is_caught(tiny_multimodal_dir, tmp_path
     assert "vision_tower.vision_model." in problems[0]
 
 
-def test_vllm_engine_prints_the_commands_after_checking_the_merged_folder(small_adapter, tiny_model_dir, tmp_path):
-    from gemma_sft.commands import merge
+def test_vllm_engine_prints_the_commands_after_checking_the_merged_folder(small_adapter, merged_small, tiny_model_dir,
+                                                                          tmp_path, capsys):  # fmt: skip
+    from gemma_sft.commands import serve
 
-    merged_dir = tmp_path / "merged"
-    assert merge.main(["--adapter", str(small_adapter), "--output", str(merged_dir)]) == 0
-    result = run_script("serve.py", "--adapter", small_adapter, "--engine", "vllm", "--merged", merged_dir)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    merged_dir = Path(shutil.copytree(merged_small, tmp_path / "merged"))
+    assert serve.main(["--adapter", str(small_adapter), "--engine", "vllm", "--merged", str(merged_dir)]) == 0
+    out = capsys.readouterr().out
     assert "config and weight names are what vLLM's and transformers' Gemma 3 loaders expect" in out
     assert f"vllm serve {tiny_model_dir} --enable-lora --lora-modules small={small_adapter} --max-lora-rank 8" in out
     assert f"--chat-template {small_adapter / 'chat_template.jinja'} --host 127.0.0.1 --port 8000" in out
     assert f"vllm serve {merged_dir} --served-model-name small --max-model-len 4096" in out
     (merged_dir / "generation_config.json").write_text("{}")
-    assert "would not load in vLLM or transformers" in one_error_line(
-        run_script("serve.py", "--adapter", small_adapter, "--engine", "vllm", "--merged", merged_dir)
-    )
+    line = refusal("--adapter", small_adapter, "--engine", "vllm", "--merged", merged_dir)
+    assert "would not load in vLLM or transformers" in line and "<end_of_turn>" in line
 
 
 def test_serve_is_a_verb():

@@ -2,8 +2,10 @@
 
 Three fixed chats (Chinese, English, one with a system message) go through the path a llama.cpp server takes: the
 chat template stored in the file, llama.cpp's own tokenizer, its end-of-generation tokens. The prompt must be the
-merged model's prompt token for token, with one <bos>; llama.cpp must pick transformers' greedy token at each of
-the first GREEDY_TOKENS steps; generation must end at <end_of_turn> without printing it.
+merged model's prompt token for token, with one <bos>; along transformers' greedy answer (the first GREEDY_TOKENS
+tokens) llama.cpp must pick the same token at every step, unless the two candidates are closer in transformers than
+llama.cpp's rounding error there (a near tie), and its logits must stay within LOGIT_TOLERANCE; generation must end
+at <end_of_turn> without printing it.
 """
 
 import contextlib
