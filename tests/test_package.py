@@ -1,6 +1,7 @@
 """The package as a user installs and drives it: the wheel, the `gemma-sft` command, and the verbs after training
 finding the adapter that training wrote."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -33,10 +34,10 @@ def test_the_verbs_after_training_use_the_adapter_training_wrote(cuda, gib, reci
 )
 def test_make_eval_after_make_train_scores_that_adapter(recipe, adapter):
     for verb, script in (("eval", "evaluate.py"), ("chat", "chat.py"), ("export", "export.py")):
-        result = subprocess.run(
-            ["make", "-n", verb, f"RECIPE={recipe}"], cwd=REPO_ROOT, capture_output=True, text=True
-        )
-        command = result.stdout.strip().splitlines()[-1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # also when run by `make test`
+        result = subprocess.run(["make", "-s", "-n", verb, f"RECIPE={recipe}"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, env=env)  # fmt: skip
+        command = next((line for line in result.stdout.splitlines() if script in line), result.stdout)
         assert f"{script} --adapter {adapter}" in command, command
 
 

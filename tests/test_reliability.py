@@ -125,6 +125,7 @@ def test_folders_left_by_a_killed_preparation_are_removed(tmp_path, own_cache, t
 # -----------------------------------------------------------------------------------------------------------------
 # 2. One run per output folder
 # -----------------------------------------------------------------------------------------------------------------
+@pytest.mark.train
 def test_a_second_run_on_the_same_output_folder_is_refused_naming_the_first(tmp_path, tiny_model_dir):
     rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
     out = tmp_path / "out"
@@ -222,6 +223,7 @@ def _state(out: Path) -> dict:
     return json.loads((out / "trainer_state.json").read_text())
 
 
+@pytest.mark.train
 def test_a_resume_with_a_changed_learning_rate_is_refused_unless_meant(tmp_path, tiny_model_dir, straight_runs):
     rows, runs = straight_runs
     straight, length = runs["max_steps"]
@@ -246,6 +248,7 @@ def recipe_for(model, rows, out, *extra):
     return config.parse(_tiny_run(model, rows, out, *extra))
 
 
+@pytest.mark.train
 def test_a_run_started_before_recipes_were_recorded_resumes_and_says_so(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)
@@ -254,6 +257,7 @@ def test_a_run_started_before_recipes_were_recorded_resumes_and_says_so(tmp_path
     assert f"no readable {resume.START_RECIPE}" in capsys.readouterr().out
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("length", "at"),
     # the cases: a step past max_steps, and "train_loss": 0.0 for a run that had all its epochs
@@ -280,6 +284,7 @@ def test_a_resumed_run_ends_at_its_last_step_with_the_uninterrupted_adapter(
 # -----------------------------------------------------------------------------------------------------------------
 # 5. eval_report false means no evaluation after training, unless eval_strategy asks
 # -----------------------------------------------------------------------------------------------------------------
+@pytest.mark.train
 @pytest.mark.parametrize("strategy", ["no", "epoch"])
 def test_turning_the_report_off_runs_no_evaluation_unless_eval_strategy_asks(
     tmp_path, tiny_model_dir, monkeypatch, strategy

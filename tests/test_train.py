@@ -11,6 +11,8 @@ from conftest import TINY_RECIPE_FLAGS, belle_rows, run_script, write_jsonl
 from gemma_sft import UserError, outputs
 from sft import main as sft_main
 
+pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
+
 DEMO = "recipes/gemma3_270m_belle_demo.yaml"
 PROBE = "<bos><start_of_turn>user\n计算 3 加 5 等于多少？<end_of_turn>\n<start_of_turn>model\n3 + 5 = 8。"
 
@@ -19,7 +21,6 @@ import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
 base, adapter, four_bit, text = sys.argv[1:5]
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32) if four_bit == "1" else None

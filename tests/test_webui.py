@@ -12,9 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 from gemma_sft import REPO_ROOT
-from tests.conftest import run_script
 
 pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
 
