@@ -34,11 +34,11 @@ import sft
 
 original = outputs.save_adapter
 
-def save_and_dump(trainer, output_dir, recipe):
+def save_and_dump(trainer, output_dir, *args, **kwargs):
     lora = {{n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if "lora_" in n}}
     wrapped = {{"wrapped": type(trainer.model_wrapped).__name__}}
     save_file(lora, f"{{output_dir}}/../rank{{trainer.accelerator.process_index}}.safetensors", metadata=wrapped)
-    original(trainer, output_dir, recipe)
+    original(trainer, output_dir, *args, **kwargs)
 
 outputs.save_adapter = save_and_dump
 sys.exit(sft.main(sys.argv[1:]))
