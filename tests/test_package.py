@@ -70,3 +70,16 @@ def test_an_installed_copy_finds_the_template_from_any_folder(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)  # no chat_templates/ here: the recipe's relative path falls back to package data
     assert read_chat_template("chat_templates/gemma3.jinja") == DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
+
+
+def test_every_make_target_is_phony_and_on_the_users_page():
+    import re
+
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, flags=re.MULTILINE))
+    phony = set(re.search(r"^\.PHONY:(.*)$", makefile, flags=re.MULTILINE).group(1).split())
+    assert targets == phony
+    missing = [t for t in sorted(targets) if f"make {t}" not in readme and f"`{t}`" not in readme]
+    assert not missing, f"Makefile targets missing from README.md: {missing}"
+    assert len(readme.splitlines()) <= 220  # the user's page; method and history live in docs/
