@@ -1,12 +1,5 @@
-"""Chat with a fine-tuned adapter (or its base model) in the terminal, through the Gemma 3 chat template.
-
-    python chat.py --adapter outputs/gemma3-270m-belle-demo
-    python chat.py --adapter outputs/gemma3-270m-belle-demo --system "你是一个简洁的助手。"
-    python chat.py --adapter outputs/gemma3-270m-belle-demo --prompt "写一首关于秋天的短诗"   # one shot, then exit
-    python chat.py --adapter outputs/gemma3-270m-belle-demo --base                          # the base model
-
-In the chat: /reset clears the conversation, /base and /adapter switch models, /exit (or Ctrl-D) quits.
-"""
+"""`python chat.py --help` (or `gemma-sft chat`): the description, flags and code are in
+gemma_sft/commands/chat.py; this script only runs it."""
 
 from gemma_sft.commands.chat import RUN_OPTIONS, main
 from gemma_sft.errors import run
