@@ -78,6 +78,18 @@ SETUPS = {
         ["--max_length", "8192", "--pad_to_multiple_of", "8192"],
         None,
     ),
+    "ours_eager": (
+        "as shipped, with the decoder stack issued from Python each step (cuda_graphs false)",
+        MISSION,
+        ["--cuda_graphs", "false"],
+        None,
+    ),
+    "ours_8k_eager": (
+        "as shipped, with one packed row of 8,192 tokens per step, issued from Python each step (cuda_graphs false)",
+        MISSION,
+        ["--max_length", "8192", "--pad_to_multiple_of", "8192", "--cuda_graphs", "false"],
+        None,
+    ),
     "ours_16k": (
         "as shipped: one packed row of 16,384 tokens per step (the name is kept for its results)",
         MISSION,
@@ -122,6 +134,12 @@ SETUPS = {
         "gemma3_belle_low_memory.yaml as shipped: packed rows of 8,192 tokens x accumulation 2",
         LOW_MEMORY,
         [],
+        None,
+    ),
+    "low_memory_eager": (
+        "low-memory recipe, issued from Python each step (cuda_graphs false)",
+        LOW_MEMORY,
+        ["--cuda_graphs", "false"],
         None,
     ),
     "low_memory_static": (

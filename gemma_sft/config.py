@@ -145,9 +145,9 @@ class SpeedArguments:
     cuda_graphs: bool = field(
         default=True,
         metadata={
-            "help": "Unpacked rows on one GPU: capture the language model's forward and backward passes as CUDA "
-            "graphs once per batch shape and replay them, instead of issuing each layer's kernels from Python on "
-            "every step (gemma_sft/patches/cuda_graphs.py)."
+            "help": "On one GPU: capture the language model's forward and backward passes as CUDA graphs once per "
+            "batch shape and replay them, instead of issuing each layer's kernels from Python on every step; packed "
+            "rows under flex_attention keep their block masks in place for it (gemma_sft/patches/cuda_graphs.py)."
         },
     )
     fsdp_checkpoint_fixes: bool = field(

@@ -1,5 +1,6 @@
-"""CUDA graphs for unpacked training (patches/cuda_graphs.py): where they apply, and on a GPU that replayed graphs
-compute what the eager model computes, dropout and gradient checkpointing included."""
+"""CUDA graphs for training (patches/cuda_graphs.py): where they apply, that the packed rows' block masks kept in place
+allow exactly what transformers' masks allow, and on a GPU that replayed graphs compute what the eager model computes,
+dropout, gradient checkpointing and packed rows under flex_attention included."""
 
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ from test_train import DEMO, train_in_process
 
 from gemma_sft import patches
 from gemma_sft.patches import attention, cuda_graphs
+from gemma_sft.patches.packed_block_masks import PackedBlockMasks, sequence_numbers
 
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -27,21 +29,73 @@ def test_graphs_apply_to_unpacked_training_in_one_process_on_a_gpu(monkeypatch):
         return patches.BY_SWITCH["cuda_graphs"].applies(None, args, None)
 
     assert applies()
-    assert not applies(packing=True)  # long rows of one shape: the GPU's work already covers the host's
+    assert applies(packing=True)
     assert not applies(gpu=False)
     assert not applies(world_size="2")
     assert not applies(compiled=True)
 
 
-def _tiny_lora_model(model_dir, device, dropout, four_bit):
+def _packed_positions(*lengths, total):
+    """position_ids of one packed row as TRL's padding-free collator makes them: each sample from 0, then zeros."""
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    return torch.cat([positions, torch.zeros(total - len(positions), dtype=torch.long)])[None]
+
+
+def _transformers_masks(config, position_ids, monkeypatch):
+    """The flex_attention masks transformers builds for a packed batch with no attention mask."""
+    from transformers import masking_utils
+
+    build = masking_utils.create_block_mask
+    # eagerly on the CPU (transformers compiles the builder; the masks are the same)
+    monkeypatch.setattr(masking_utils, "create_block_mask", lambda *a, **k: build(*a, **{**k, "_compile": False}))
+    kwargs = dict(config=config, inputs_embeds=torch.empty(*position_ids.shape, 1), attention_mask=None,
+                  past_key_values=None, position_ids=position_ids)  # fmt: skip
+    return {
+        "full_attention": masking_utils.create_causal_mask(**kwargs),
+        "sliding_attention": masking_utils.create_sliding_window_causal_mask(**kwargs),
+    }
+
+
+def test_sequence_numbers_start_a_sequence_wherever_positions_restart():
+    positions = _packed_positions(3, 2, 4, total=12)
+    assert sequence_numbers(positions).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 5]]  # each padding token alone
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_packed_block_masks_allow_exactly_what_transformers_masks_allow_and_refill_in_place(tiny_model_dir, rows,
+                                                                                            monkeypatch):  # fmt: skip
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config._attn_implementation = "flex_attention"
+    assert config.sliding_window < 100 and set(config.layer_types) == {"full_attention", "sliding_attention"}
+    first = torch.cat([_packed_positions(100, 300, 37, total=512), _packed_positions(512, total=512)][:rows])
+    second = torch.cat([_packed_positions(250, 200, 62, total=512), _packed_positions(7, 400, total=512)][:rows])
+
+    packed = PackedBlockMasks(config, first)
+    assert packed.matches(_transformers_masks(config, first, monkeypatch)) is None
+    storage = {name: [getattr(mask, f).data_ptr() for f in ("kv_indices", "full_kv_indices")]
+               for name, mask in packed.masks.items()}  # fmt: skip
+    sequences = packed.sequences.data_ptr()
+
+    refilled = packed.refill(second)
+    assert refilled is packed.masks and packed.sequences.data_ptr() == sequences
+    assert storage == {name: [getattr(mask, f).data_ptr() for f in ("kv_indices", "full_kv_indices")]
+                       for name, mask in refilled.items()}  # fmt: skip
+    assert packed.matches(_transformers_masks(config, second, monkeypatch)) is None
+    # the check can fail: the first batch's masks are not the second's
+    assert "query tokens 0-511 see other keys" in packed.matches(_transformers_masks(config, first, monkeypatch))
+
+
+def _tiny_lora_model(model_dir, device, dropout, four_bit, attention="sdpa"):
     from peft import LoraConfig, get_peft_model
-    from transformers import BitsAndBytesConfig, Gemma3ForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.bfloat16) if four_bit else None  # fmt: skip
     dtype = torch.bfloat16 if four_bit else torch.float32
-    model = Gemma3ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quantization,
-                                              attn_implementation="sdpa")  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quantization,
+                                                 attn_implementation=attention)  # fmt: skip
     model.to(device)
     model.gradient_checkpointing_enable({"use_reentrant": False})
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -68,6 +122,52 @@ def _loss_and_grads(model, input_ids, attention_mask, seed):
     loss = (logits.float().log_softmax(-1)[..., 5] * attention_mask).sum() / attention_mask.sum()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _packed_loss_and_grads(model, input_ids, position_ids, seed):
+    """One packed micro-step as TRL's padding-free batches give it: positions, no attention mask, flash-only hints."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.manual_seed(seed)
+    hints = {"cu_seq_lens_q": torch.tensor([0, position_ids.shape[1]], device=input_ids.device), "max_length_q": 1}
+    logits = model(input_ids=input_ids, position_ids=position_ids, **hints).logits
+    loss = logits.float().log_softmax(-1)[..., 5].mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _graphed_stacks(model) -> list:
+    forwards = [module.__dict__.get("forward") for module in model.modules()]
+    return [forward for forward in forwards if isinstance(forward, cuda_graphs.GraphedStack)]
+
+
+@GPU
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_multimodal_dir"])
+def test_packed_rows_under_flex_attention_replay_what_eager_steps_compute(model_fixture, request):
+    """Packed rows of one shape with other packings each step: the replays read each batch's masks (refilled in
+    place), so every replay matches the eager step on that batch; the text-only model builds no masks, the multimodal
+    wrapper hands its own down (checked against ours each step)."""
+    patches.enable("fused_qlora")
+    patches.enable("tuned_flex_attention")
+    model = _tiny_lora_model(request.getfixturevalue(model_fixture), "cuda", dropout=0.3, four_bit=True,
+                             attention="flex_attention")  # fmt: skip
+    torch.manual_seed(4)
+    input_ids = torch.randint(3, 1000, (1, 512), device="cuda")
+    packings = [_packed_positions(100, 300, 37, total=512), _packed_positions(250, 200, 62, total=512),
+                _packed_positions(512, total=512)]  # fmt: skip
+    eager = [_packed_loss_and_grads(model, input_ids, p.cuda(), seed=9) for p in packings]
+    assert eager[0][0] != eager[1][0]  # another packing, another loss
+
+    assert cuda_graphs.graph_text_models(model) == 1
+    (stack,) = _graphed_stacks(model)
+    for _ in range(2):
+        for positions, (eager_loss, eager_grads) in zip(packings, eager):
+            loss, grads = _packed_loss_and_grads(model, input_ids, positions.cuda(), seed=9)
+            torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-4)
+            assert grads.keys() == eager_grads.keys()
+            for name in eager_grads:
+                torch.testing.assert_close(grads[name], eager_grads[name], rtol=2e-2, atol=1e-3)
+    assert stack.failed is None and stack.unmatched is None
+    assert len(stack.captured) == 1 and len(stack.packed_masks) == 1 and stack.replays == 6
 
 
 def test_off_a_gpu_the_wrapped_model_computes_what_it_computed(tiny_model_dir):
@@ -140,6 +240,34 @@ def test_graphed_training_learns_what_eager_training_learns(tmp_path, monkeypatc
     (stack, graphed_losses, graphed), (no_stack, losses, eager) = runs
     assert no_stack is None and isinstance(stack, cuda_graphs.GraphedStack) and stack.failed is None
     assert len(stack.captured) >= 1 and stack.replays > len(stack.captured)
+    assert graphed_losses == pytest.approx(losses, rel=2e-3)
+    for name in eager:
+        torch.testing.assert_close(graphed[name], eager[name], rtol=2e-2, atol=1e-4)
+
+
+@GPU
+def test_packed_graphed_training_learns_what_eager_training_learns(tmp_path, monkeypatch, tiny_model_dir):
+    """sft.py on packed rows of one shape under flex_attention, QLoRA and checkpointing: the same losses and adapter
+    with graphs as without (SGD, no dropout), every step after the first a replay."""
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(24))
+    runs = []
+    for graphs in ("true", "false"):
+        trainer = train_in_process(
+            monkeypatch,
+            [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
+             str(tmp_path / f"graphs-{graphs}"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
+             "--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--dtype", "bfloat16", "--bf16", "true",
+             "--packing", "true", "--max_length", "512", "--pad_to_multiple_of", "512",
+             "--attn_implementation", "flex_attention", "--num_train_epochs", "3", "--gradient_checkpointing", "true",
+             "--cuda_graphs", graphs, "--optim", "sgd", "--eval_report", "false"],
+        )  # fmt: skip
+        stacks = _graphed_stacks(trainer.model)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        adapter = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        runs.append((stacks, losses, adapter, trainer.state.global_step))
+    (stacks, graphed_losses, graphed, steps), (no_stacks, losses, eager, _) = runs
+    assert no_stacks == [] and len(stacks) == 1 and stacks[0].failed is None and stacks[0].unmatched is None
+    assert len(stacks[0].captured) == 1 and stacks[0].replays == steps > 3
     assert graphed_losses == pytest.approx(losses, rel=2e-3)
     for name in eager:
         torch.testing.assert_close(graphed[name], eager[name], rtol=2e-2, atol=1e-4)

@@ -1,15 +1,17 @@
-"""CUDA graphs for training on unpacked rows: the decoder stack's forward and backward passes replayed, not re-issued.
+"""CUDA graphs for training: the decoder stack's forward and backward passes replayed, not re-issued from Python.
 
-Unpacked rows make short steps (a few samples of a few hundred tokens). Each step still issues every kernel of every
-layer from Python, about 8,600 launches a step on the 270M, and the GPU finishes them faster than the host issues
-them. Here the language model's body (embedding, decoder layers with their checkpointing, final norm) is captured once
-per batch shape as a pair of CUDA graphs, one for the forward pass and one for the backward pass, and replayed on
-later steps of that shape. The output head, the loss and the optimizer stay eager.
+Each step issues every kernel of every layer from Python: about 8,500 launches a step on the 4B, and for short steps
+(unpacked rows; packed rows of 8,192 tokens) the GPU finishes them faster than the host issues them. Here the
+language model's body (embedding, decoder layers with their checkpointing, final norm) is captured once per batch
+shape as a pair of CUDA graphs, one for the forward pass and one for the backward pass, and replayed on later steps of
+that shape. The output head, the loss and the optimizer stay eager.
 
 Replays reuse the tensors, weights and random stream of the capture: the same arithmetic, with dropout drawn afresh
 on each replay. All graphs share one memory pool, which is safe because every forward replay is followed by its own
-backward replay before any other graph runs (one training micro-step at a time). Anything else (evaluation, no
-gradients, generation, extra outputs, a cache) runs the model's own forward.
+backward replay before any other graph runs (one training micro-step at a time). Masks that are tensors are inputs
+like the tokens; flex_attention's block masks for packed rows are objects, so each row shape keeps one set whose
+storage is refilled in place (packed_block_masks.py). Anything else (evaluation, no gradients, generation, extra
+outputs, a cache) runs the model's own forward.
 """
 
 import os
@@ -17,9 +19,12 @@ import os
 import torch
 
 from gemma_sft import UserError
+from gemma_sft.patches.packed_block_masks import PackedBlockMasks
 
 MAX_GRAPHS = 64  # batch shapes captured per model; later new shapes run eagerly
 WARMUP_RUNS = 2  # eager passes before a capture: lazy initialisation, Triton compilation, cuBLAS workspaces
+# what TRL's padding-free collator adds to a packed batch for flash attention's variable-length kernels
+PACKED_SEQUENCE_HINTS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
 
 
 class _Captured:
@@ -71,9 +76,11 @@ class GraphedStack:
         self.text_model = text_model
         self.own_forward = type(text_model).forward.__get__(text_model)
         self.captured: dict = {}
+        self.packed_masks: dict = {}  # row shape -> PackedBlockMasks
         self.pool = None
         self.replays = 0
         self.failed = None  # the capture error, if one failed
+        self.unmatched = None  # why transformers' packed masks and ours differed, if they did (then run eagerly)
 
     def eligible(self, input_ids, inputs_embeds, past_key_values, use_cache, kwargs) -> bool:
         x = input_ids if inputs_embeds is None else inputs_embeds
@@ -87,9 +94,14 @@ class GraphedStack:
             and past_key_values is None
             and not use_cache
             and not getattr(self.text_model.config, "use_bidirectional_attention", False)
-            and all(value is None or value is False for value in kwargs.values())
+            and all(value is None or value is False or name in self.ignored_hints() for name, value in kwargs.items())
             and not torch.cuda.is_current_stream_capturing()
         )
+
+    def ignored_hints(self) -> frozenset:
+        """The batch keys only flash attention reads: TRL's packed batches carry them, sdpa and flex ignore them."""
+        implementation = getattr(self.text_model.config, "_attn_implementation", None) or ""
+        return frozenset() if "flash" in implementation else PACKED_SEQUENCE_HINTS
 
     def masks(self, attention_mask, x, position_ids) -> dict:
         """The per-layer-type masks the model's forward would build, built here, eagerly (they read the padding)."""
@@ -122,13 +134,17 @@ class GraphedStack:
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
         x = input_ids if inputs_embeds is None else inputs_embeds
-        masks = self.masks(attention_mask, x, position_ids)
-        if any(mask is not None and not isinstance(mask, torch.Tensor) for mask in masks.values()):
-            # flex_attention's block masks are objects built per batch, not tensors a graph can be refilled with
-            return self.own_forward(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
-                                    inputs_embeds=inputs_embeds, use_cache=False)  # fmt: skip
+        packed = self.packed_flex_masks(attention_mask, x, position_ids)
+        if packed is not None:
+            masks, static_masks = packed, packed
+        else:
+            masks, static_masks = self.masks(attention_mask, x, position_ids), None
+            if any(mask is not None and not isinstance(mask, torch.Tensor) for mask in masks.values()):
+                # block masks of unpacked rows or of rows whose masks differ from ours: built per batch, run eagerly
+                return self.own_forward(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
+                                        inputs_embeds=inputs_embeds, use_cache=False)  # fmt: skip
         mask_types = sorted(masks)
-        inputs = [x, position_ids, *(masks[name] for name in mask_types)]
+        inputs = [x, position_ids, *(() if static_masks else (masks[name] for name in mask_types))]
         key = (
             inputs_embeds is None,
             x.requires_grad,
@@ -136,13 +152,14 @@ class GraphedStack:
             torch.get_autocast_dtype("cuda"),
             *(None if t is None else (tuple(t.shape), t.dtype) for t in inputs),
             tuple(mask_types),
+            static_masks is not None,
         )
         captured = self.captured.get(key)
         if captured is None:
             if len(self.captured) >= MAX_GRAPHS:
                 return self.own_forward(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
                                         inputs_embeds=inputs_embeds, use_cache=False)  # fmt: skip
-            captured = self.capture(key, inputs, inputs_embeds is None, mask_types)
+            captured = self.capture(key, inputs, inputs_embeds is None, mask_types, static_masks)
         with torch.no_grad():
             for static, value in zip(captured.inputs, inputs):
                 if static is not None:
@@ -152,10 +169,43 @@ class GraphedStack:
         self.replays += 1
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=None)
 
-    def capture(self, key, inputs, by_ids: bool, mask_types):
+    def packed_flex_masks(self, attention_mask, x, position_ids) -> dict | None:
+        """For packed rows under flex_attention: this row shape's masks, refilled for this batch; else None.
+
+        A text-only model is handed no mask (it would build the packed masks itself from the positions); Gemma 3's
+        multimodal wrapper builds them and hands them down, and then they must have our block layout, every batch.
+        """
+        config = self.text_model.config
+        if (
+            self.unmatched is not None
+            or position_ids is None
+            or getattr(config, "_attn_implementation", None) != "flex_attention"
+            or not (attention_mask is None or isinstance(attention_mask, dict))
+        ):
+            return None
+        position_ids = position_ids.expand(x.shape[0], -1)
+        given = attention_mask
+        if given is not None and any(type(mask).__name__ != "BlockMask" for mask in given.values()):
+            return None
+        packed = self.packed_masks.get(tuple(position_ids.shape))
+        if packed is None:
+            packed = PackedBlockMasks(config, position_ids)
+            differs = packed.matches(given if given is not None else self.masks(None, x, position_ids))
+            if differs is not None:
+                self.unmatched = differs
+                _log_once(f"cuda_graphs: packed rows train without graphs: flex_attention masks differ ({differs})")
+                return None
+            self.packed_masks[tuple(position_ids.shape)] = packed
+            return packed.masks
+        masks = packed.refill(position_ids)
+        if given is not None and not all(_same_layout(masks[name], given.get(name)) for name in masks):
+            return None  # this batch's masks are not plain packed rows (e.g. images): the given masks, eagerly
+        return masks
+
+    def capture(self, key, inputs, by_ids: bool, mask_types, static_masks=None):
         def run(x, position_ids, *mask_values):
             given = {"input_ids": x} if by_ids else {"inputs_embeds": x}
-            masks = dict(zip(mask_types, mask_values))
+            masks = static_masks or dict(zip(mask_types, mask_values))
             return self.own_forward(**given, attention_mask=masks, position_ids=position_ids,
                                     use_cache=False).last_hidden_state  # fmt: skip
 
@@ -177,7 +227,23 @@ class GraphedStack:
                 "to train without CUDA graphs"
             ) from exc
         self.captured[key] = captured
+        torch.cuda.empty_cache()  # the warm-up passes' memory, now unused, back to the card
         return captured
+
+
+def _same_layout(ours, theirs) -> bool:
+    from gemma_sft.patches.packed_block_masks import LAYOUT_FIELDS
+
+    return theirs is not None and all(
+        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        for a, b in ((getattr(ours, f), getattr(theirs, f)) for f in LAYOUT_FIELDS)
+    )
+
+
+def _log_once(message: str) -> None:
+    from transformers.utils import logging
+
+    logging.get_logger("gemma_sft").warning_once(message)
 
 
 def graph_text_models(model) -> int:
@@ -195,11 +261,7 @@ def graph_text_models(model) -> int:
 
 # Putting it in place (gemma_sft/patches/registry.py turns it on and off)
 def applies(speed, training_args, model_args) -> bool:
-    # packed rows are long and one shape, so the GPU's work covers the host's; several processes (DDP, FSDP, ZeRO-3)
-    # and torch.compile are untried with graphs
+    # several processes (DDP, FSDP, ZeRO-3) and torch.compile are untried with graphs
     return (
-        not training_args.packing
-        and torch.cuda.is_available()
-        and not training_args.torch_compile
-        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        torch.cuda.is_available() and not training_args.torch_compile and int(os.environ.get("WORLD_SIZE", "1")) == 1
     )
