@@ -90,6 +90,19 @@ SETUPS = {
         ["--max_length", "8192", "--pad_to_multiple_of", "8192", "--cuda_graphs", "false"],
         None,
     ),
+    "ours_8k_fused_adamw": (
+        "as shipped, one packed row of 8,192 tokens per step, with PyTorch's fused AdamW (adamw_torch_fused) for "
+        "bitsandbytes' paged 32-bit AdamW",
+        MISSION,
+        ["--max_length", "8192", "--pad_to_multiple_of", "8192", "--optim", "adamw_torch_fused"],
+        None,
+    ),
+    "ours_fused_adamw": (
+        "as shipped, with PyTorch's fused AdamW (adamw_torch_fused) for bitsandbytes' paged 32-bit AdamW",
+        MISSION,
+        ["--optim", "adamw_torch_fused"],
+        None,
+    ),
     "ours_16k": (
         "as shipped: one packed row of 16,384 tokens per step (the name is kept for its results)",
         MISSION,
