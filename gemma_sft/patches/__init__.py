@@ -7,7 +7,8 @@ in the registry with a switch, the version they were checked against and whether
     output_head       the output head's gradient computed in its forward pass (speed)
     attention         flex_attention kernel options, query/key norms in place, sdpa off cuDNN (speed)
     packing           TRL's packing in one pass over the sample (speed)
-    cuda_graphs       unpacked training steps replayed as CUDA graphs (speed)
+    cuda_graphs       the decoder stack's training passes replayed as CUDA graphs (speed)
+    packed_block_masks  flex_attention block masks of packed rows kept in place for the graphs
     fsdp_checkpoints  FSDP checkpoints that hold the adapter and the optimizer state (fix)
 """
 

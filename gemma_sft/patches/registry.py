@@ -59,7 +59,7 @@ PATCHES = [
           lambda speed, args, model_args: model_args.attn_implementation == "flex_attention"),
     Patch("qk_norm_in_stored_layout", SPEED, "the forward of each attention layer's q_norm and k_norm",
           "transformers", "5.17.0", on_train_begin=attention.qk_norm_in_stored_layout),
-    Patch("cuda_graphs", SPEED, "the forward of each Gemma3TextModel while it trains on unpacked rows",
+    Patch("cuda_graphs", SPEED, "the forward of each Gemma3TextModel while it trains on one GPU",
           "transformers", "5.17.0", applies=cuda_graphs.applies, on_train_begin=cuda_graphs.graph_text_models),
     Patch("fsdp_checkpoint_fixes", FIX,
           "peft's private _get_tuner_state_dict_key_prefixes, peft.set_peft_model_state_dict, "
