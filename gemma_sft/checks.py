@@ -80,6 +80,8 @@ RANGES = {
     "learning_rate": (lambda value: value > 0, "must be above 0"),
     "max_samples": (_at_least(0), "must be 0 (all rows) or more"),
     "eval_samples": (_at_least(0), "must be 0 or more"),
+    "report_prompts": (_at_least(0), "must be 0 (no generations) or more"),
+    "report_max_new_tokens": (_at_least(1), "must be 1 or more"),
     "max_steps": (lambda value: value != 0, "must be above 0 (or -1: num_train_epochs decides)"),
     "per_device_train_batch_size": (_at_least(1), "must be 1 or more"),
     "per_device_eval_batch_size": (_at_least(1), "must be 1 or more"),

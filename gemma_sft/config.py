@@ -72,6 +72,12 @@ class RunArguments:
             "evaluation after training at all, unless eval_strategy asks for the Trainer's own."
         },
     )
+    report_prompts: int = field(
+        default=5, metadata={"help": "Held-out prompts the report answers greedily with base and adapter (0: none)."}
+    )
+    report_max_new_tokens: int = field(
+        default=128, metadata={"help": "The longest answer, in tokens, of each of the report's greedy generations."}
+    )
     dry_run: bool = field(
         default=False, metadata={"help": "Check and tokenize the data, print a summary, exit without training."}
     )

@@ -10,9 +10,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gemma_sft import REPO_ROOT
-from gemma_sft.models import embedded, load_tokenizer
+from gemma_sft.models import embedded, load_tokenizer, read_tokenizer
 
 SAMPLE = REPO_ROOT / "data" / "belle_sample_zh.jsonl"
 
@@ -83,12 +84,12 @@ def tokenizer(tokenizer_dir):
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A 2-layer random Gemma3ForCausalLM with the real Gemma 3 tokenizer, saved like a Hub checkpoint."""
     import torch
-    from transformers import AutoTokenizer, Gemma3ForCausalLM
+    from transformers import Gemma3ForCausalLM
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-gemma3")
     Gemma3ForCausalLM(tiny_text_config()).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    read_tokenizer(str(tokenizer_dir)).save_pretrained(folder)
     return folder
 
 
@@ -96,7 +97,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 def tiny_multimodal_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random Gemma3ForConditionalGeneration (language model + SigLIP tower), the class of gemma-3-4b-it."""
     import torch
-    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-gemma3-multimodal")
@@ -111,7 +112,7 @@ def tiny_multimodal_dir(tmp_path_factory, tokenizer_dir) -> Path:
         image_token_index=262144,
     )
     Gemma3ForConditionalGeneration(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    read_tokenizer(str(tokenizer_dir)).save_pretrained(folder)
     return folder
 
 
@@ -168,13 +169,54 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
+# --- the embedded Gemma 3 270M with a random adapter: exported, merged and served by several test files (slow) ---
+CONTEXT_270M = 512  # the adapter's recipe max_length: the server's context
+
+
+@pytest.fixture(scope="session")
+def adapter_270m(tmp_path_factory) -> Path:
+    from test_export import random_adapter
+
+    folder = random_adapter(embedded.model_dir(), tmp_path_factory.mktemp("serve") / "belle-270m",
+                            embedded.EMBEDDED_MODEL)  # fmt: skip
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) | {"max_length": CONTEXT_270M}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def merged_270m(adapter_270m):
+    """(model, tokenizer): the adapter merged into the 270M the way export.py merges it, in float32."""
+    from test_export import merged
+
+    return merged(adapter_270m)
+
+
+@pytest.fixture(scope="session")
+def f16_270m(adapter_270m) -> Path:
+    """export.py's f16 GGUF folder of the adapter (checked in llama.cpp where it is installed)."""
+    from test_export import HAVE_LLAMA_CPP, export
+
+    out = adapter_270m.parent / "gemma3-270m-test"
+    result = export(adapter_270m, out, "--type", "f16")
+    assert result.returncode == 0, result.stderr
+    assert not HAVE_LLAMA_CPP or "checked in llama.cpp" in result.stdout  # it read itself back before publishing
+    return out
+
+
+SHARED_270M = {"adapter_270m", "merged_270m", "f16_270m"}
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests on the trained tiny adapter share one xdist worker: the adapter is trained once, not once per worker; and
-    they train, so `make test-fast` leaves them out."""
+    they train, so `make test-fast` leaves them out. Likewise the tests on the 270M's shared fixtures."""
     for item in items:
-        if "tiny_adapter" in getattr(item, "fixturenames", ()):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "tiny_adapter" in fixtures:
             item.add_marker(pytest.mark.xdist_group("tiny_adapter"))
             item.add_marker(pytest.mark.train)
+        elif fixtures & SHARED_270M:
+            item.add_marker(pytest.mark.xdist_group("embedded_270m"))
 
 
 @pytest.fixture(autouse=True)

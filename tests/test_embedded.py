@@ -33,10 +33,12 @@ def test_demo_recipe_trains_an_adapter_that_beats_the_base_on_held_out_rows(tmp_
 
     out = tmp_path / "demo"
     args = ["recipes/gemma3_270m_belle_demo.yaml", "--output_dir", str(out), "--max_samples", "24",
-            "--eval_samples", "8", "--max_length", "768", "--save_strategy", "no"]  # fmt: skip
+            "--eval_samples", "8", "--max_length", "768", "--save_strategy", "no", "--report_prompts", "1",
+            "--report_max_new_tokens", "24"]  # fmt: skip
     assert sft_main(args) == 0
     report = json.loads((out / "eval_report.json").read_text())
     assert report["adapter"]["rows"] == 8 and report["adapter"]["tokens"] > 8 * 100
     assert report["adapter"]["loss"] < report["base"]["loss"]
-    assert "## Greedy generations" in (out / "report.md").read_text()
+    generations = (out / "report.md").read_text().split("## Greedy generations")[1]
+    assert len([line for line in generations.splitlines() if line.startswith("| ")]) == 2  # header + one prompt
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard logs, the recipe's default

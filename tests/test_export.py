@@ -316,27 +316,7 @@ def test_full_disk_leaves_nothing_behind(quick_adapter, tmp_path, monkeypatch):
 # --- the embedded Gemma 3 270M (slow) ---
 
 
-@pytest.fixture(scope="module")
-def adapter_270m(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("adapter-270m") / "adapter"
-    return random_adapter(embedded.model_dir(), folder, embedded.EMBEDDED_MODEL)
-
-
-@pytest.fixture(scope="module")
-def merged_270m(adapter_270m):
-    return merged(adapter_270m)
-
-
-@pytest.fixture(scope="module")
-def f16_270m(adapter_270m, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gguf-270m") / "gemma3-270m-test"
-    result = export(adapter_270m, out, "--type", "f16")
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 @pytest.mark.slow
-@pytest.mark.xdist_group("export_270m")  # one worker builds the 270M fixtures once
 def test_270m_f16_matches_the_merged_model(f16_270m, merged_270m):
     reference, tokenizer = merged_270m
     gguf = f16_270m / "gemma3-270m-test.gguf"
@@ -356,7 +336,6 @@ def test_270m_f16_matches_the_merged_model(f16_270m, merged_270m):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("export_270m")  # one worker builds the 270M fixtures once
 def test_270m_q8_0_answer_loss_within_1_percent_of_f16(adapter_270m, f16_270m, tmp_path):
     from gemma_sft.data import detect_format, load_records, to_messages
     from gemma_sft.inference import answer_loss
@@ -390,7 +369,6 @@ PROMPTS = ["1加1等于几？只回答数字。", "中国的首都是哪里？�
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("export_270m")  # one worker builds the 270M fixtures once
 def test_270m_llama_cpp_greedy_matches_hf(f16_270m, merged_270m):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see the Makefile)")
     reference, tokenizer = merged_270m

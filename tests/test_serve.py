@@ -13,15 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from test_export import GREEDY_TOKENS, export, merged, random_adapter
+from conftest import CONTEXT_270M as CONTEXT
+from test_export import GREEDY_TOKENS, random_adapter
 
 from gemma_sft import REPO_ROOT, UserError
 from gemma_sft.export import layout
-from gemma_sft.models import embedded
 
 TEMPLATE_TOKENS = ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<pad>")
-CONTEXT = 512  # the test adapter's recipe max_length: the server's context
 
 
 def free_port() -> int:
@@ -63,26 +61,18 @@ def running_server(log: Path, *args, timeout: float = 600):
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    folder = random_adapter(embedded.model_dir(), tmp_path_factory.mktemp("serve") / "belle-270m",
-                            embedded.EMBEDDED_MODEL)  # fmt: skip
-    recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) | {"max_length": CONTEXT}
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return folder
+def adapter(adapter_270m) -> Path:
+    return adapter_270m
 
 
 @pytest.fixture(scope="module")
-def gguf(adapter) -> Path:
-    out = adapter.parent / "belle-270m-gguf"
-    result = export(adapter, out)
-    assert result.returncode == 0, result.stderr
-    assert "checked in llama.cpp" in result.stdout  # the export read itself back before publishing
-    return out
+def gguf(f16_270m) -> Path:
+    return f16_270m
 
 
 @pytest.fixture(scope="module")
-def reference(adapter):
-    return merged(adapter)
+def reference(merged_270m):
+    return merged_270m
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +129,11 @@ SYSTEM = [{"role": "system", "content": "Always answer in English."}, *CHINESE]
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("serve_270m")
 def test_the_server_names_the_adapter(client):
     assert [model.id for model in client.models.list().data] == ["belle-270m"]
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("serve_270m")
 @pytest.mark.parametrize("messages", [CHINESE, ENGLISH], ids=["chinese", "english"])
 def test_answers_and_streams_equal_the_merged_models_greedy_answer(client, reference, messages):
     text, count, finish = greedy(reference, messages)
@@ -159,7 +147,6 @@ def test_answers_and_streams_equal_the_merged_models_greedy_answer(client, refer
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("serve_270m")
 def test_a_system_message_is_honoured(client, reference):
     text, _, _ = greedy(reference, SYSTEM)  # the template folds it into the first user turn, as in training
     assert ask(client, SYSTEM).choices[0].message.content == text
@@ -167,7 +154,6 @@ def test_a_system_message_is_honoured(client, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("serve_270m")
 def test_the_answer_ends_at_end_of_turn_and_prints_no_template_token(client, reference):
     _, tokenizer = reference
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
@@ -182,7 +168,6 @@ def test_the_answer_ends_at_end_of_turn_and_prints_no_template_token(client, ref
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("serve_270m")
 def test_eight_concurrent_requests_all_get_their_answer(client):
     chats = [[{"role": "user", "content": f"数到{n}。"}] for n in range(4)]
     expected = [ask(client, chat, max_tokens=8).choices[0].message.content for chat in chats]
@@ -201,7 +186,6 @@ def test_eight_concurrent_requests_all_get_their_answer(client):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("serve_270m")
 def test_malformed_requests_get_a_4xx_json_error_and_the_server_keeps_serving(client):
     import httpx
     import openai
@@ -227,7 +211,6 @@ def test_malformed_requests_get_a_4xx_json_error_and_the_server_keeps_serving(cl
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("serve_270m")
 def test_the_merged_270m_loads_in_vllm_and_transformers(adapter, tmp_path):
     from gemma_sft.commands import merge
 

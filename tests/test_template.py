@@ -105,3 +105,46 @@ def test_rendering_matches_the_official_template_on_any_conversation(tokenizer, 
         messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=_official_template()
     )
     assert ours == official
+
+
+def test_a_tokenizer_folder_is_read_once_per_process_until_it_changes(tokenizer_dir, tmp_path):
+    """read_tokenizer shares one object per folder and chat template; an edited folder is read again."""
+    import shutil
+
+    from gemma_sft.models import load_tokenizer, read_chat_template, read_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, folder)
+    first = read_tokenizer(str(folder))
+    assert read_tokenizer(str(folder)) is first
+    ours = load_tokenizer(str(folder))
+    ours_template = read_chat_template(None)
+    assert ours is not first and ours.chat_template == ours_template and load_tokenizer(str(folder)) is ours
+    assert first.chat_template != ours_template  # the other caller's object kept its own template
+
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"padding_side": "left"', '"padding_side": "right"'))
+    again = read_tokenizer(str(folder))
+    assert again is not first and again.padding_side == "right" and first.padding_side == "left"
+
+
+def test_greedy_generation_pads_on_the_left_without_changing_the_shared_tokenizer(tokenizer_dir, tiny_model_dir,
+                                                                                  tmp_path):  # fmt: skip
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from gemma_sft.inference.generate import generate
+    from gemma_sft.models import load_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, folder)
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"padding_side": "left"', '"padding_side": "right"'))
+    tokenizer = load_tokenizer(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "你好"}], [{"role": "user", "content": "请用三句话介绍一下北京的历史。"}]]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=3)
+    alone = generate(model, tokenizer, prompts[:1], max_new_tokens=3)
+    assert len(answers) == 2 and answers[0] == alone[0]  # left padding: the short prompt's answer is unchanged
+    assert tokenizer.padding_side == "right"  # the shared object as it was loaded

@@ -112,8 +112,8 @@ def _run(recipe) -> int:
         from gemma_sft import inference
 
         report = inference.compare(
-            trainer.model, tokenizer, prepared.eval_messages, training_args.output_dir,
-            categories=prepared.eval_categories,
+            trainer.model, tokenizer, prepared.eval_messages, training_args.output_dir, run_args.report_prompts,
+            run_args.report_max_new_tokens, categories=prepared.eval_categories,
         )  # fmt: skip
         base, tuned = report["base"], report["adapter"]
         eval_metrics = {"eval_loss": tuned["loss"], "eval_base_loss": base["loss"], "eval_rows": tuned["rows"]}

@@ -23,7 +23,7 @@ def merged_model(adapter_dir: str | os.PathLike, base: str | None = None, dtype:
     in `dtype`, never 4-bit: merging into quantized weights is lossy."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from gemma_sft import models
 
@@ -33,7 +33,7 @@ def merged_model(adapter_dir: str | os.PathLike, base: str | None = None, dtype:
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
     except OSError as exc:
         raise models.fetch_error("base model", base, exc) from None
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # saved with our chat template
+    tokenizer = models.read_tokenizer(str(adapter_dir))  # saved with our chat template
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.generation_config.eos_token_id = models.stop_token_ids(tokenizer)
     return merged, tokenizer, base_path

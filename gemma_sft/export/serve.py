@@ -85,12 +85,10 @@ def gguf_facts(gguf: Path) -> dict:
 
 def adapter_facts(adapter_dir: Path) -> dict:
     """What the server takes from the adapter's folder: its name, chat template and training length."""
-    from transformers import AutoTokenizer
-
     from gemma_sft import models
 
     recipe = models.read_adapter_recipe(adapter_dir)  # a missing or unfinished adapter fails here
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer = models.read_tokenizer(str(adapter_dir))
     return {
         "name": adapter_dir.resolve().name,
         "chat_template": tokenizer.chat_template,

@@ -109,9 +109,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     import torch
 
     model.eval()
-    tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(
         next(model.parameters()).device
     )
     with torch.no_grad():

@@ -8,6 +8,7 @@ from gemma_sft.models.loading import (
     load_model,
     load_tokenizer,
     read_adapter_recipe,
+    read_tokenizer,
     resolve_model,
     resolve_tokenizer,
 )
@@ -15,6 +16,6 @@ from gemma_sft.models.template import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, read_c
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "END_OF_TURN", "adapter_base", "fetch_error", "load_for_inference", "load_model",
-    "load_tokenizer", "read_adapter_recipe", "read_chat_template", "resolve_model", "resolve_tokenizer",
-    "stop_token_ids",
+    "load_tokenizer", "read_adapter_recipe", "read_chat_template", "read_tokenizer", "resolve_model",
+    "resolve_tokenizer", "stop_token_ids",
 ]  # fmt: skip

@@ -25,16 +25,41 @@ def fetch_error(what: str, name: str, exc: Exception) -> UserError:
     return hub_error(what, name, exc, local, f"hf download {name}")
 
 
-def load_tokenizer(model_path: str, chat_template_path: str | None = None):
+_TOKENIZERS: dict = {}  # (folder's identity, chat template) -> tokenizer, for this process
+
+
+def _folder_identity(name_or_path: str) -> tuple:
+    """A local folder: its path and its files' sizes and times (an edited folder is read again); a Hub id: itself."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return (name_or_path,)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+    return (str(folder.resolve()), tuple(files))
+
+
+def read_tokenizer(name_or_path: str, chat_template: str | None = None):
+    """AutoTokenizer.from_pretrained, read once per process while the folder is unchanged (transformers takes seconds
+    to build Gemma 3's 262,144 entries): callers share the object, so they pass settings such as padding_side per
+    call instead of setting them on it. `chat_template`, if given, replaces the saved one."""
     from transformers import AutoTokenizer
 
+    key = (_folder_identity(name_or_path), chat_template)
+    if key not in _TOKENIZERS:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
+
+
+def load_tokenizer(model_path: str, chat_template_path: str | None = None):
+    """The model's tokenizer with our chat template (a shared object: see read_tokenizer)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = read_tokenizer(model_path, read_chat_template(chat_template_path))
     except (OSError, ValueError) as exc:
         raise fetch_error("tokenizer of", model_path, exc) from None
     if END_OF_TURN not in tokenizer.get_vocab():
         raise UserError(f"{model_path}: tokenizer has no {END_OF_TURN} token; is this a Gemma 3 model?")
-    tokenizer.chat_template = read_chat_template(chat_template_path)
     return tokenizer
 
 
@@ -100,7 +125,6 @@ def adapter_base(adapter_dir: str | os.PathLike, base: str | None = None) -> tup
 def load_for_inference(adapter_dir: str | os.PathLike, base: str | None = None):
     """Base model + adapter for evaluation, chat and merging: 4-bit bf16 on a GPU as in training, fp32 on CPU."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
     from trl import ModelConfig
 
     base, recipe = adapter_base(adapter_dir, base)
@@ -116,7 +140,7 @@ def load_for_inference(adapter_dir: str | os.PathLike, base: str | None = None):
         bnb_4bit_quant_type=recipe.get("bnb_4bit_quant_type", "nf4"),
         use_bnb_nested_quant=bool(recipe.get("use_bnb_nested_quant")),
     )
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # saved with our chat template
+    tokenizer = read_tokenizer(str(adapter_dir))  # saved with our chat template
     model = load_model(resolve_model(base), model_args, tokenizer)
     if cuda and not model_args.load_in_4bit:
         model.to("cuda")
