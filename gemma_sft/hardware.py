@@ -79,6 +79,19 @@ def sharded_launch() -> bool:
     return fsdp_launch() or zero3_launch()
 
 
+def check_processes(training_args) -> None:
+    """Several processes must share one adapter through data parallelism. Checked on the processes set up as the
+    Trainer sets them up (TrainingArguments.device), before minutes of loading data and weights."""
+    from accelerate import DistributedType
+
+    state = training_args.device and training_args.distributed_state
+    if state is not None and state.num_processes > 1 and state.distributed_type == DistributedType.NO:
+        raise UserError(
+            "several processes were launched but accelerate set up no data parallelism, so each would train its "
+            "own adapter: on CPU pass --use_cpu true; on GPUs check CUDA_VISIBLE_DEVICES"
+        )
+
+
 def check_launch(model_args, training_args) -> None:
     """One GPU per process, and when the model is sharded (FSDP, ZeRO-3): GPUs, 4-bit weights in a float dtype, and
     under FSDP with checkpoints an optimizer whose state FSDP can save."""

@@ -76,8 +76,11 @@ def fields(gguf: Path) -> dict:
     return out
 
 
+_read_back = {}  # (file, its size and time) -> model: several tests read the 270M's f16 file
+
+
 def read_back(folder: Path, name: str):
-    """The GGUF file loaded by transformers' own GGUF reader (it dequantizes q8_0).
+    """The GGUF file loaded by transformers' own GGUF reader (it dequantizes q8_0), once per file in this process.
 
     That reader fills layer_types from Gemma 3's fixed every-6th-layer rule and ignores the per-layer
     `attention.sliding_window_pattern` key llama.cpp reads, and it leaves query_pre_attn_scalar at its default of 256
@@ -85,13 +88,18 @@ def read_back(folder: Path, name: str):
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    stat = (folder / name).stat()
+    key = (str((folder / name).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _read_back:
+        return _read_back[key]
     fields = GGUFReader(folder / name).fields
     pattern = fields["gemma3.attention.sliding_window_pattern"].contents()
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     config.layer_types = ["sliding_attention" if flag else "full_attention" for flag in pattern]
     config.query_pre_attn_scalar = fields["gemma3.attention.key_length"].contents()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
-    return model.eval()
+    _read_back[key] = model.eval()
+    return _read_back[key]
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -355,9 +363,9 @@ def test_270m_q8_0_answer_loss_within_1_percent_of_f16(adapter_270m, f16_270m, t
 
 
 def merged_270m_tokenizer(adapter: Path):
-    from transformers import AutoTokenizer
+    from gemma_sft.models import read_tokenizer
 
-    return AutoTokenizer.from_pretrained(adapter)
+    return read_tokenizer(str(adapter))
 
 
 # Greedy continuations are compared for 20 tokens: llama.cpp's CPU kernels round activations to f16 inside its

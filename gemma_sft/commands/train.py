@@ -13,8 +13,6 @@ import contextlib
 import json
 import os
 
-from gemma_sft import UserError
-
 
 def main(argv: list[str] | None = None) -> int:
     from gemma_sft import config, outputs
@@ -39,6 +37,7 @@ def _run(recipe) -> int:
         resume_from = outputs.check_output_dir(training_args.output_dir, run_args.overwrite_output_dir)
         resumed_with = resume.check_settings(recipe, resume_from)  # refuses settings changed since the run started
         hardware.check_launch(model_args, training_args)
+        hardware.check_processes(training_args)
 
     ################
     # Data: rows -> Gemma chat messages -> token ids with the answer mask
@@ -64,11 +63,6 @@ def _run(recipe) -> int:
     trainer.accelerator.print(recipe.plan.summary())
     if trainer.is_world_process_zero():
         outputs.save_plan(training_args.output_dir, recipe.plan)
-    if trainer.accelerator.num_processes > 1 and trainer.accelerator.distributed_type == "NO":
-        raise UserError(
-            "several processes were launched but accelerate set up no data parallelism, so each would train its "
-            "own adapter: on CPU pass --use_cpu true; on GPUs check CUDA_VISIBLE_DEVICES"
-        )
     trainable, total = trainer.model.get_nb_trainable_parameters()
     trainer.accelerator.print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     processes, accumulation = trainer.accelerator.num_processes, training_args.gradient_accumulation_steps
