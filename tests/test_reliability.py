@@ -334,6 +334,8 @@ def test_a_recipe_that_is_not_utf8_names_its_line(tmp_path):
         ("learning_rate: 0\n", "learning_rate must be above 0 (got 0)"),
         ("packing: 1\n", "packing must be true or false (got 1)"),
         ("lora_dropout: 1.5\n", "lora_dropout must be at least 0 and below 1 (got 1.5)"),
+        ("report_prompts: -1\n", "report_prompts must be 0 (no generations) or more (got -1)"),
+        ("report_max_new_tokens: 0\n", "report_max_new_tokens must be 1 or more (got 0)"),
     ],
 )
 def test_recipe_values_that_cannot_work_name_file_line_and_key(tmp_path, text, message):
