@@ -84,7 +84,8 @@ def check_processes(training_args) -> None:
     Trainer sets them up (TrainingArguments.device), before minutes of loading data and weights."""
     from accelerate import DistributedType
 
-    state = training_args.device and training_args.distributed_state
+    _ = training_args.device  # reading it sets the processes up (once), as the Trainer would
+    state = training_args.distributed_state
     if state is not None and state.num_processes > 1 and state.distributed_type == DistributedType.NO:
         raise UserError(
             "several processes were launched but accelerate set up no data parallelism, so each would train its "

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
-from test_train import DEMO, train_in_process
+from test_train import DEMO, losses_and_adapter, train_in_process
 
 from gemma_sft import patches
 from gemma_sft.patches import attention, cuda_graphs
@@ -220,29 +220,33 @@ def test_replays_match_eager_steps_with_dropout_and_recomputation(tiny_model_dir
     assert stack.replays == 4
 
 
-@GPU
-def test_graphed_training_learns_what_eager_training_learns(tmp_path, monkeypatch, tiny_model_dir):
-    """sft.py on unpacked rows with QLoRA, checkpointing and accumulation: the same losses and adapter with graphs
-    as without (SGD, no dropout), and the graphs were replayed, not only captured."""
-    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(16))
+def _train_with_and_without_graphs(tmp_path, monkeypatch, model_dir, rows: int, flags: list) -> list:
+    """sft.py with QLoRA, checkpointing, SGD and no dropout on the same rows, graphs on then off: for each run its
+    graphed stacks, losses, adapter and optimizer steps."""
+    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(rows))
     runs = []
     for graphs in ("true", "false"):
         trainer = train_in_process(
             monkeypatch,
-            [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
+            [DEMO, "--model_path", str(model_dir), "--data_path", str(data), "--output_dir",
              str(tmp_path / f"graphs-{graphs}"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
              "--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--dtype", "bfloat16", "--bf16", "true",
-             "--packing", "false", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-             "--num_train_epochs", "3", "--gradient_checkpointing", "true", "--cuda_graphs", graphs,
+             *flags, "--num_train_epochs", "3", "--gradient_checkpointing", "true", "--cuda_graphs", graphs,
              "--optim", "sgd", "--eval_report", "false"],
         )  # fmt: skip
-        stack = trainer.model.base_model.model.model.__dict__.get("forward")
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        adapter = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
-        runs.append((stack, losses, adapter))
-    (stack, graphed_losses, graphed), (no_stack, losses, eager) = runs
-    assert no_stack is None and isinstance(stack, cuda_graphs.GraphedStack) and stack.failed is None
-    assert len(stack.captured) >= 1 and stack.replays > len(stack.captured)
+        runs.append((_graphed_stacks(trainer.model), *losses_and_adapter(trainer), trainer.state.global_step))
+    return runs
+
+
+@GPU
+def test_graphed_training_learns_what_eager_training_learns(tmp_path, monkeypatch, tiny_model_dir):
+    """sft.py on unpacked rows with QLoRA, checkpointing and accumulation: the same losses and adapter with graphs
+    as without (SGD, no dropout), and the graphs were replayed, not only captured."""
+    unpacked = ["--packing", "false", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    runs = _train_with_and_without_graphs(tmp_path, monkeypatch, tiny_model_dir, 16, unpacked)
+    (stacks, graphed_losses, graphed, _), (no_stacks, losses, eager, _) = runs
+    assert no_stacks == [] and len(stacks) == 1 and stacks[0].failed is None
+    assert len(stacks[0].captured) >= 1 and stacks[0].replays > len(stacks[0].captured)
     assert graphed_losses == pytest.approx(losses, rel=2e-3)
     for name in eager:
         torch.testing.assert_close(graphed[name], eager[name], rtol=2e-2, atol=1e-4)
@@ -253,22 +257,9 @@ def test_packed_graphed_training_learns_what_eager_training_learns(tmp_path, mon
     """sft.py on packed rows of one shape under flex_attention, QLoRA and checkpointing: the same losses and adapter
     with graphs as without (SGD, no dropout), every step after the first a replay."""
     torch._dynamo.reset()
-    data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(24))
-    runs = []
-    for graphs in ("true", "false"):
-        trainer = train_in_process(
-            monkeypatch,
-            [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
-             str(tmp_path / f"graphs-{graphs}"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
-             "--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--dtype", "bfloat16", "--bf16", "true",
-             "--packing", "true", "--max_length", "512", "--pad_to_multiple_of", "512",
-             "--attn_implementation", "flex_attention", "--num_train_epochs", "3", "--gradient_checkpointing", "true",
-             "--cuda_graphs", graphs, "--optim", "sgd", "--eval_report", "false"],
-        )  # fmt: skip
-        stacks = _graphed_stacks(trainer.model)
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        adapter = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
-        runs.append((stacks, losses, adapter, trainer.state.global_step))
+    packed = ["--packing", "true", "--max_length", "512", "--pad_to_multiple_of", "512", "--attn_implementation",
+              "flex_attention"]  # fmt: skip
+    runs = _train_with_and_without_graphs(tmp_path, monkeypatch, tiny_model_dir, 24, packed)
     (stacks, graphed_losses, graphed, steps), (no_stacks, losses, eager, _) = runs
     assert no_stacks == [] and len(stacks) == 1 and stacks[0].failed is None and stacks[0].unmatched is None
     assert len(stacks[0].captured) == 1 and stacks[0].replays == steps > 3

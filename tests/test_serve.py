@@ -61,35 +61,21 @@ def running_server(log: Path, *args, timeout: float = 600):
 
 
 @pytest.fixture(scope="module")
-def adapter(adapter_270m) -> Path:
-    return adapter_270m
-
-
-@pytest.fixture(scope="module")
-def gguf(f16_270m) -> Path:
-    return f16_270m
-
-
-@pytest.fixture(scope="module")
-def reference(merged_270m):
-    return merged_270m
-
-
-@pytest.fixture(scope="module")
-def client(adapter, gguf):
+def client(adapter_270m, f16_270m):
     openai = pytest.importorskip("openai", reason="the openai client comes with requirements-llama-cpp.txt")
-    with running_server(adapter.parent / "serve.log", "--adapter", adapter, "--gguf", gguf, "--threads", 2) as url:
+    with running_server(adapter_270m.parent / "serve.log", "--adapter", adapter_270m, "--gguf", f16_270m,
+                        "--threads", 2) as url:  # fmt: skip
         yield openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=600)
 
 
 _greedy_answers = {}
 
 
-def greedy(reference, messages) -> tuple[str, int, str]:
+def greedy(merged_270m, messages) -> tuple[str, int, str]:
     """The merged model's greedy answer in transformers: (text, token count without the stop, finish_reason)."""
     key = json.dumps(messages, ensure_ascii=False)
     if key not in _greedy_answers:
-        _greedy_answers[key] = _greedy(*reference, messages)
+        _greedy_answers[key] = _greedy(*merged_270m, messages)
     return _greedy_answers[key]
 
 
@@ -135,8 +121,8 @@ def test_the_server_names_the_adapter(client):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("messages", [CHINESE, ENGLISH], ids=["chinese", "english"])
-def test_answers_and_streams_equal_the_merged_models_greedy_answer(client, reference, messages):
-    text, count, finish = greedy(reference, messages)
+def test_answers_and_streams_equal_the_merged_models_greedy_answer(client, merged_270m, messages):
+    text, count, finish = greedy(merged_270m, messages)
     answer = ask(client, messages)
     assert answer.choices[0].message.content == text  # Chinese text round-trips: same tokens, same characters
     assert answer.usage.completion_tokens == count and answer.choices[0].finish_reason == finish
@@ -147,15 +133,15 @@ def test_answers_and_streams_equal_the_merged_models_greedy_answer(client, refer
 
 
 @pytest.mark.slow
-def test_a_system_message_is_honoured(client, reference):
-    text, _, _ = greedy(reference, SYSTEM)  # the template folds it into the first user turn, as in training
+def test_a_system_message_is_honoured(client, merged_270m):
+    text, _, _ = greedy(merged_270m, SYSTEM)  # the template folds it into the first user turn, as in training
     assert ask(client, SYSTEM).choices[0].message.content == text
-    assert text != greedy(reference, CHINESE)[0]
+    assert text != greedy(merged_270m, CHINESE)[0]
 
 
 @pytest.mark.slow
-def test_the_answer_ends_at_end_of_turn_and_prints_no_template_token(client, reference):
-    _, tokenizer = reference
+def test_the_answer_ends_at_end_of_turn_and_prints_no_template_token(client, merged_270m):
+    _, tokenizer = merged_270m
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     # Pushed to say <end_of_turn> at once, the engine must end the answer there, empty
     answer = ask(client, ENGLISH, logit_bias={str(end_of_turn): 100})
@@ -211,10 +197,10 @@ def test_malformed_requests_get_a_4xx_json_error_and_the_server_keeps_serving(cl
 
 
 @pytest.mark.slow
-def test_the_merged_270m_loads_in_vllm_and_transformers(adapter, tmp_path):
+def test_the_merged_270m_loads_in_vllm_and_transformers(adapter_270m, tmp_path):
     from gemma_sft.commands import merge
 
-    assert merge.main(["--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
+    assert merge.main(["--adapter", str(adapter_270m), "--output", str(tmp_path / "merged")]) == 0
     assert layout.check_merged(tmp_path / "merged") == []
 
 

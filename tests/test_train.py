@@ -47,6 +47,12 @@ def probe_logits(model, tokenizer, train_mode=False):
         return model(ids.to(model.device)).logits[0, -5:].float().cpu()
 
 
+def losses_and_adapter(trainer) -> tuple[list, dict]:
+    """A finished run's logged training losses and its LoRA weights (float copies)."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+
 def train_in_process(monkeypatch, args):
     """Run sft.main in this process and keep its trainer, to compare the trained model with the saved adapter."""
     captured = {}
@@ -320,8 +326,7 @@ def test_merged_micro_batches_learn_the_same_adapter(tmp_path, monkeypatch, tiny
              "--packing", "false", "--gradient_accumulation_steps", "4", "--merge_micro_batches", merge,
              "--optim", "sgd", "--eval_report", "false"],
         )  # fmt: skip
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        adapter = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        losses, adapter = losses_and_adapter(trainer)
         runs.append(
             (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps, losses, adapter)
         )

@@ -33,7 +33,8 @@ def _folder_identity(name_or_path: str) -> tuple:
     folder = Path(name_or_path)
     if not folder.is_dir():
         return (name_or_path,)
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+    stats = ((f.name, f.stat()) for f in folder.iterdir() if f.is_file())
+    files = sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
     return (str(folder.resolve()), tuple(files))
 
 

@@ -19,7 +19,7 @@ import os
 import torch
 
 from gemma_sft import UserError
-from gemma_sft.patches.packed_block_masks import PackedBlockMasks
+from gemma_sft.patches.packed_block_masks import PackedBlockMasks, same_layout
 
 MAX_GRAPHS = 64  # batch shapes captured per model; later new shapes run eagerly
 WARMUP_RUNS = 2  # eager passes before a capture: lazy initialisation, Triton compilation, cuBLAS workspaces
@@ -84,6 +84,7 @@ class GraphedStack:
 
     def eligible(self, input_ids, inputs_embeds, past_key_values, use_cache, kwargs) -> bool:
         x = input_ids if inputs_embeds is None else inputs_embeds
+        hints = self.ignored_hints()
         return (
             self.failed is None
             and self.text_model.training
@@ -94,7 +95,7 @@ class GraphedStack:
             and past_key_values is None
             and not use_cache
             and not getattr(self.text_model.config, "use_bidirectional_attention", False)
-            and all(value is None or value is False or name in self.ignored_hints() for name, value in kwargs.items())
+            and all(value is None or value is False or name in hints for name, value in kwargs.items())
             and not torch.cuda.is_current_stream_capturing()
         )
 
@@ -198,7 +199,7 @@ class GraphedStack:
             self.packed_masks[tuple(position_ids.shape)] = packed
             return packed.masks
         masks = packed.refill(position_ids)
-        if given is not None and not all(_same_layout(masks[name], given.get(name)) for name in masks):
+        if given is not None and not all(same_layout(masks[name], given.get(name)) for name in masks):
             return None  # this batch's masks are not plain packed rows (e.g. images): the given masks, eagerly
         return masks
 
@@ -229,15 +230,6 @@ class GraphedStack:
         self.captured[key] = captured
         torch.cuda.empty_cache()  # the warm-up passes' memory, now unused, back to the card
         return captured
-
-
-def _same_layout(ours, theirs) -> bool:
-    from gemma_sft.patches.packed_block_masks import LAYOUT_FIELDS
-
-    return theirs is not None and all(
-        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-        for a, b in ((getattr(ours, f), getattr(theirs, f)) for f in LAYOUT_FIELDS)
-    )
 
 
 def _log_once(message: str) -> None:

@@ -25,6 +25,14 @@ def sequence_numbers(position_ids: torch.Tensor) -> torch.Tensor:
     return (step != 1).cumsum(-1)
 
 
+def same_layout(ours, theirs) -> bool:
+    """Whether two block masks have the same block layout (the LAYOUT_FIELDS, present in both or in neither)."""
+    return theirs is not None and all(
+        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        for a, b in ((getattr(ours, f), getattr(theirs, f)) for f in LAYOUT_FIELDS)
+    )
+
+
 class PackedBlockMasks:
     """One row shape's masks ("full_attention", "sliding_attention": BlockMask), refilled in place by `refill`."""
 
@@ -69,6 +77,7 @@ class PackedBlockMasks:
         allow, else what differs."""
         batch, length = self.shape
         kv = torch.arange(length, device=self.sequences.device)
+        head = torch.tensor(0, device=kv.device)
         for name, ours in self.masks.items():
             theirs = their_masks.get(name)
             if theirs is None or tuple(theirs.kv_indices.shape[-2:]) != tuple(ours.kv_indices.shape[-2:]):
@@ -77,7 +86,6 @@ class PackedBlockMasks:
                 index = torch.tensor(b, device=kv.device)
                 for start in range(0, length, ROWS_PER_CHECK):
                     q = torch.arange(start, min(start + ROWS_PER_CHECK, length), device=kv.device)[:, None]
-                    head = torch.tensor(0, device=kv.device)
                     allowed = ours.mask_mod(index, head, q, kv[None, :])
                     if not torch.equal(allowed, theirs.mask_mod(index, head, q, kv[None, :]).expand_as(allowed)):
                         return f"{name}: row {b}, query tokens {start}-{start + len(q) - 1} see other keys"
