@@ -103,6 +103,25 @@ SETUPS = {
         ["--optim", "adamw_torch_fused"],
         None,
     ),
+    "ours_offload": (
+        "as shipped, with the checkpointed layer inputs in pinned host memory (offload_activations true)",
+        MISSION,
+        ["--offload_activations", "true"],
+        None,
+    ),
+    "ours_offload_recompute": (
+        "as shipped, layer inputs in host memory and the MLP outputs recomputed (offload_activations true, "
+        "keep_mlp_outputs false): memory first at 16,384 tokens per step",
+        MISSION,
+        ["--offload_activations", "true", "--keep_mlp_outputs", "false"],
+        None,
+    ),
+    "ours_8k_offload": (
+        "as shipped, one packed row of 8,192 tokens per step, layer inputs in host memory (offload_activations true)",
+        MISSION,
+        ["--max_length", "8192", "--pad_to_multiple_of", "8192", "--offload_activations", "true"],
+        None,
+    ),
     "ours_16k": (
         "as shipped: one packed row of 16,384 tokens per step (the name is kept for its results)",
         MISSION,
@@ -153,6 +172,12 @@ SETUPS = {
         "low-memory recipe, issued from Python each step (cuda_graphs false)",
         LOW_MEMORY,
         ["--cuda_graphs", "false"],
+        None,
+    ),
+    "low_memory_offload": (
+        "low-memory recipe, layer inputs in pinned host memory (offload_activations true)",
+        LOW_MEMORY,
+        ["--offload_activations", "true"],
         None,
     ),
     "low_memory_static": (

@@ -122,6 +122,14 @@ class SpeedArguments:
             "per layer. Not with torch_compile."
         },
     )
+    offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "On a GPU, with gradient checkpointing: hold each decoder layer's saved input in pinned host "
+            "memory instead of on the GPU, copied on a side stream while the layers compute (2 bytes x hidden size "
+            "per token per layer less GPU memory, the same bytes over PCIe each way; patches/offload_activations.py)."
+        },
+    )
     fused_output_head: bool = field(
         default=True,
         metadata={

@@ -35,7 +35,7 @@ def test_graphs_apply_to_unpacked_training_in_one_process_on_a_gpu(monkeypatch):
     assert not applies(compiled=True)
 
 
-def _packed_positions(*lengths, total):
+def packed_positions(*lengths, total):
     """position_ids of one packed row as TRL's padding-free collator makes them: each sample from 0, then zeros."""
     positions = torch.cat([torch.arange(n) for n in lengths])
     return torch.cat([positions, torch.zeros(total - len(positions), dtype=torch.long)])[None]
@@ -57,7 +57,7 @@ def _transformers_masks(config, position_ids, monkeypatch):
 
 
 def test_sequence_numbers_start_a_sequence_wherever_positions_restart():
-    positions = _packed_positions(3, 2, 4, total=12)
+    positions = packed_positions(3, 2, 4, total=12)
     assert sequence_numbers(positions).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 5]]  # each padding token alone
 
 
@@ -69,8 +69,8 @@ def test_packed_block_masks_allow_exactly_what_transformers_masks_allow_and_refi
     config = AutoConfig.from_pretrained(tiny_model_dir)
     config._attn_implementation = "flex_attention"
     assert config.sliding_window < 100 and set(config.layer_types) == {"full_attention", "sliding_attention"}
-    first = torch.cat([_packed_positions(100, 300, 37, total=512), _packed_positions(512, total=512)][:rows])
-    second = torch.cat([_packed_positions(250, 200, 62, total=512), _packed_positions(7, 400, total=512)][:rows])
+    first = torch.cat([packed_positions(100, 300, 37, total=512), packed_positions(512, total=512)][:rows])
+    second = torch.cat([packed_positions(250, 200, 62, total=512), packed_positions(7, 400, total=512)][:rows])
 
     packed = PackedBlockMasks(config, first)
     assert packed.matches(_transformers_masks(config, first, monkeypatch)) is None
@@ -87,7 +87,7 @@ def test_packed_block_masks_allow_exactly_what_transformers_masks_allow_and_refi
     assert "query tokens 0-511 see other keys" in packed.matches(_transformers_masks(config, first, monkeypatch))
 
 
-def _tiny_lora_model(model_dir, device, dropout, four_bit, attention="sdpa"):
+def tiny_lora_model(model_dir, device, dropout, four_bit, attention="sdpa"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -106,7 +106,7 @@ def _tiny_lora_model(model_dir, device, dropout, four_bit, attention="sdpa"):
     return model
 
 
-def _batch(device):
+def padded_batch(device):
     torch.manual_seed(1)
     input_ids = torch.randint(3, 1000, (3, 48), device=device)
     attention_mask = torch.ones_like(input_ids)
@@ -115,7 +115,7 @@ def _batch(device):
     return input_ids, attention_mask
 
 
-def _loss_and_grads(model, input_ids, attention_mask, seed):
+def loss_and_grads(model, input_ids, attention_mask, seed):
     model.zero_grad(set_to_none=True)
     torch.cuda.manual_seed(seed) if input_ids.is_cuda else torch.manual_seed(seed)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -124,7 +124,7 @@ def _loss_and_grads(model, input_ids, attention_mask, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _packed_loss_and_grads(model, input_ids, position_ids, seed):
+def packed_loss_and_grads(model, input_ids, position_ids, seed):
     """One packed micro-step as TRL's padding-free batches give it: positions, no attention mask, flash-only hints."""
     model.zero_grad(set_to_none=True)
     torch.cuda.manual_seed(seed)
@@ -135,7 +135,7 @@ def _packed_loss_and_grads(model, input_ids, position_ids, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _graphed_stacks(model) -> list:
+def graphed_stacks(model) -> list:
     forwards = [module.__dict__.get("forward") for module in model.modules()]
     return [forward for forward in forwards if isinstance(forward, cuda_graphs.GraphedStack)]
 
@@ -149,22 +149,22 @@ def test_packed_rows_under_flex_attention_replay_what_eager_steps_compute(model_
     torch._dynamo.reset()  # flex_attention compiled afresh: past tests' recompilations count towards dynamo's limit
     patches.enable("fused_qlora")
     patches.enable("tuned_flex_attention")
-    model = _tiny_lora_model(request.getfixturevalue(model_fixture), "cuda", dropout=0.3, four_bit=True,
+    model = tiny_lora_model(request.getfixturevalue(model_fixture), "cuda", dropout=0.3, four_bit=True,
                              attention="flex_attention")  # fmt: skip
     torch.manual_seed(4)
     input_ids = torch.randint(3, 1000, (1, 512), device="cuda")
-    packings = [_packed_positions(100, 300, 37, total=512), _packed_positions(250, 200, 62, total=512),
-                _packed_positions(512, total=512)]  # fmt: skip
-    eager = [_packed_loss_and_grads(model, input_ids, p.cuda(), seed=9) for p in packings]
+    packings = [packed_positions(100, 300, 37, total=512), packed_positions(250, 200, 62, total=512),
+                packed_positions(512, total=512)]  # fmt: skip
+    eager = [packed_loss_and_grads(model, input_ids, p.cuda(), seed=9) for p in packings]
     assert eager[0][0] != eager[1][0]  # another packing, another loss
 
     assert cuda_graphs.graph_text_models(model) == 1
-    (stack,) = _graphed_stacks(model)
-    _packed_loss_and_grads(model, input_ids, packings[1].cuda(), seed=3)  # captures (its warm-up passes draw dropout)
+    (stack,) = graphed_stacks(model)
+    packed_loss_and_grads(model, input_ids, packings[1].cuda(), seed=3)  # captures (its warm-up passes draw dropout)
     assert len(stack.captured) == 1 and stack.replays == 1
     for _ in range(2):
         for positions, (eager_loss, eager_grads) in zip(packings, eager):
-            loss, grads = _packed_loss_and_grads(model, input_ids, positions.cuda(), seed=9)
+            loss, grads = packed_loss_and_grads(model, input_ids, positions.cuda(), seed=9)
             torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-4)
             assert grads.keys() == eager_grads.keys()
             for name in eager_grads:
@@ -174,12 +174,12 @@ def test_packed_rows_under_flex_attention_replay_what_eager_steps_compute(model_
 
 
 def test_off_a_gpu_the_wrapped_model_computes_what_it_computed(tiny_model_dir):
-    model = _tiny_lora_model(tiny_model_dir, "cpu", dropout=0.0, four_bit=False)
-    batch = _batch("cpu")
-    loss, grads = _loss_and_grads(model, *batch, seed=0)
+    model = tiny_lora_model(tiny_model_dir, "cpu", dropout=0.0, four_bit=False)
+    batch = padded_batch("cpu")
+    loss, grads = loss_and_grads(model, *batch, seed=0)
     assert cuda_graphs.graph_text_models(model) == 1
     stack = model.base_model.model.model.forward
-    graphed_loss, graphed_grads = _loss_and_grads(model, *batch, seed=0)
+    graphed_loss, graphed_grads = loss_and_grads(model, *batch, seed=0)
     assert stack.captured == {} and stack.replays == 0  # tensors on the CPU: the model's own forward
     assert graphed_loss == loss and graphed_grads.keys() == grads.keys()
     for name in grads:
@@ -191,18 +191,18 @@ def test_replays_match_eager_steps_with_dropout_and_recomputation(tiny_model_dir
     """The same random stream gives the replayed graphs the dropout masks of the eager pass, also in the checkpointed
     layers' recomputation; the first call captures, later calls of that shape replay, a new shape captures again."""
     patches.enable("fused_qlora")
-    model = _tiny_lora_model(tiny_model_dir, "cuda", dropout=0.3, four_bit=True)
-    batch = _batch("cuda")
-    eager_loss, eager_grads = _loss_and_grads(model, *batch, seed=7)
-    other_loss, _ = _loss_and_grads(model, *batch, seed=8)
+    model = tiny_lora_model(tiny_model_dir, "cuda", dropout=0.3, four_bit=True)
+    batch = padded_batch("cuda")
+    eager_loss, eager_grads = loss_and_grads(model, *batch, seed=7)
+    other_loss, _ = loss_and_grads(model, *batch, seed=8)
     assert other_loss != eager_loss  # dropout is drawn: another seed, another loss
 
     assert cuda_graphs.graph_text_models(model) == 1
     stack = model.base_model.model.model.forward
-    _loss_and_grads(model, *batch, seed=3)  # captures
+    loss_and_grads(model, *batch, seed=3)  # captures
     assert len(stack.captured) == 1 and stack.replays == 1 and stack.failed is None
     for _ in range(2):
-        graphed_loss, graphed_grads = _loss_and_grads(model, *batch, seed=7)
+        graphed_loss, graphed_grads = loss_and_grads(model, *batch, seed=7)
         torch.testing.assert_close(graphed_loss, eager_loss, rtol=1e-3, atol=1e-4)
         assert graphed_grads.keys() == eager_grads.keys()
         for name in eager_grads:
@@ -210,7 +210,7 @@ def test_replays_match_eager_steps_with_dropout_and_recomputation(tiny_model_dir
     assert len(stack.captured) == 1 and stack.replays == 3
 
     shorter = tuple(t[:, :40] for t in batch)
-    _loss_and_grads(model, *shorter, seed=7)
+    loss_and_grads(model, *shorter, seed=7)
     assert len(stack.captured) == 2
 
     with torch.no_grad():  # no gradients (evaluation): the model's own forward
@@ -220,21 +220,21 @@ def test_replays_match_eager_steps_with_dropout_and_recomputation(tiny_model_dir
     assert stack.replays == 4
 
 
-def _train_with_and_without_graphs(tmp_path, monkeypatch, model_dir, rows: int, flags: list) -> list:
-    """sft.py with QLoRA, checkpointing, SGD and no dropout on the same rows, graphs on then off: for each run its
-    graphed stacks, losses, adapter and optimizer steps."""
+def train_both_ways(tmp_path, monkeypatch, model_dir, rows: int, flags: list, switch: str = "cuda_graphs") -> list:
+    """sft.py with QLoRA, checkpointing, SGD and no dropout on the same rows, `switch` on then off: for each run its
+    graphed stacks, losses, adapter, optimizer steps and trainer."""
     data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(rows))
     runs = []
-    for graphs in ("true", "false"):
+    for value in ("true", "false"):
         trainer = train_in_process(
             monkeypatch,
             [DEMO, "--model_path", str(model_dir), "--data_path", str(data), "--output_dir",
-             str(tmp_path / f"graphs-{graphs}"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
+             str(tmp_path / f"{switch}-{value}"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
              "--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--dtype", "bfloat16", "--bf16", "true",
-             *flags, "--num_train_epochs", "3", "--gradient_checkpointing", "true", "--cuda_graphs", graphs,
+             *flags, "--num_train_epochs", "3", "--gradient_checkpointing", "true", f"--{switch}", value,
              "--optim", "sgd", "--eval_report", "false"],
         )  # fmt: skip
-        runs.append((_graphed_stacks(trainer.model), *losses_and_adapter(trainer), trainer.state.global_step))
+        runs.append((graphed_stacks(trainer.model), *losses_and_adapter(trainer), trainer.state.global_step, trainer))
     return runs
 
 
@@ -243,8 +243,8 @@ def test_graphed_training_learns_what_eager_training_learns(tmp_path, monkeypatc
     """sft.py on unpacked rows with QLoRA, checkpointing and accumulation: the same losses and adapter with graphs
     as without (SGD, no dropout), and the graphs were replayed, not only captured."""
     unpacked = ["--packing", "false", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    runs = _train_with_and_without_graphs(tmp_path, monkeypatch, tiny_model_dir, 16, unpacked)
-    (stacks, graphed_losses, graphed, _), (no_stacks, losses, eager, _) = runs
+    runs = train_both_ways(tmp_path, monkeypatch, tiny_model_dir, 16, unpacked)
+    (stacks, graphed_losses, graphed, *_), (no_stacks, losses, eager, *_) = runs
     assert no_stacks == [] and len(stacks) == 1 and stacks[0].failed is None
     assert len(stacks[0].captured) >= 1 and stacks[0].replays > len(stacks[0].captured)
     assert graphed_losses == pytest.approx(losses, rel=2e-3)
@@ -259,8 +259,8 @@ def test_packed_graphed_training_learns_what_eager_training_learns(tmp_path, mon
     torch._dynamo.reset()
     packed = ["--packing", "true", "--max_length", "512", "--pad_to_multiple_of", "512", "--attn_implementation",
               "flex_attention"]  # fmt: skip
-    runs = _train_with_and_without_graphs(tmp_path, monkeypatch, tiny_model_dir, 24, packed)
-    (stacks, graphed_losses, graphed, steps), (no_stacks, losses, eager, _) = runs
+    runs = train_both_ways(tmp_path, monkeypatch, tiny_model_dir, 24, packed)
+    (stacks, graphed_losses, graphed, steps, _), (no_stacks, losses, eager, *_) = runs
     assert no_stacks == [] and len(stacks) == 1 and stacks[0].failed is None and stacks[0].unmatched is None
     assert len(stacks[0].captured) == 1 and stacks[0].replays == steps > 3
     assert graphed_losses == pytest.approx(losses, rel=2e-3)
@@ -275,16 +275,16 @@ def test_padded_batches_with_rows_that_attend_to_nothing_train_to_finite_gradien
     Finite gradients eagerly and through the graphs, and the same ones."""
     attention.avoid_cudnn_attention("sdpa")
     patches.enable("fused_qlora")
-    model = _tiny_lora_model(tiny_model_dir, "cuda", dropout=0.0, four_bit=True)
+    model = tiny_lora_model(tiny_model_dir, "cuda", dropout=0.0, four_bit=True)
     torch.manual_seed(2)
     input_ids = torch.randint(3, 1000, (2, 576), device="cuda")
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 40:] = 0  # sliding window 8: positions past 47 of row 2 see only padding
-    eager_loss, eager_grads = _loss_and_grads(model, input_ids, attention_mask, seed=0)
+    eager_loss, eager_grads = loss_and_grads(model, input_ids, attention_mask, seed=0)
     assert torch.isfinite(eager_loss) and all(torch.isfinite(g).all() for g in eager_grads.values())
     cuda_graphs.graph_text_models(model)
     for _ in range(2):  # capture, then replay
-        loss, grads = _loss_and_grads(model, input_ids, attention_mask, seed=0)
+        loss, grads = loss_and_grads(model, input_ids, attention_mask, seed=0)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-4)
         for name in eager_grads:
             torch.testing.assert_close(grads[name], eager_grads[name], rtol=2e-2, atol=1e-3)

@@ -4,6 +4,7 @@ in the registry with a switch, the version they were checked against and whether
     registry          the list, and install/enable/disable
     fused_qlora       4-bit LoRA layers as one autograd function; keep_mlp_outputs through checkpointing (speed)
     lora_dropout      the Triton kernels that draw LoRA dropout inside fused_qlora (speed)
+    offload_activations  checkpointed layer inputs held in pinned host memory (speed: same arithmetic, less memory)
     output_head       the output head's gradient computed in its forward pass (speed)
     attention         flex_attention kernel options, query/key norms in place, sdpa off cuDNN (speed)
     packing           TRL's packing in one pass over the sample (speed)

@@ -15,7 +15,15 @@ from transformers import TrainerCallback
 
 from gemma_sft import hardware
 from gemma_sft.errors import UserError
-from gemma_sft.patches import attention, cuda_graphs, fsdp_checkpoints, fused_qlora, output_head, packing
+from gemma_sft.patches import (
+    attention,
+    cuda_graphs,
+    fsdp_checkpoints,
+    fused_qlora,
+    offload_activations,
+    output_head,
+    packing,
+)
 
 SPEED, FIX = "speed", "fix"
 
@@ -50,6 +58,10 @@ PATCHES = [
           fused_qlora.install, fused_qlora.uninstall, fused_qlora.applies),
     Patch("keep_mlp_outputs", SPEED, "the decoder layers' private _gradient_checkpointing_func", "transformers",
           "5.17.0", applies=fused_qlora.keep_mlp_outputs_applies, on_train_begin=fused_qlora.keep_mlp_outputs),
+    # after keep_mlp_outputs: it wraps the checkpoint function that one has set
+    Patch("offload_activations", SPEED, "the decoder layers' private _gradient_checkpointing_func (its saved input)",
+          "transformers", "5.17.0", applies=offload_activations.applies,
+          on_train_begin=offload_activations.offload_layer_inputs),
     Patch("fused_output_head", SPEED, "trl.trainer.utils._ChunkedLogProbFunction", "trl", "1.16.0",
           output_head.install, output_head.uninstall),
     Patch("pack_in_one_pass", SPEED, "trl.trainer.sft_trainer.pack_dataset", "trl", "1.16.0",

@@ -1,0 +1,180 @@
+"""Checkpointed layer inputs held in pinned host memory instead of on the GPU.
+
+With gradient checkpointing each decoder layer keeps one tensor through the step: its input, 2 bytes x hidden size per
+token (2.7 GiB on the 4B at 16,384 tokens). Here each one is copied to a pinned host buffer on a side stream while its
+layer computes, its GPU memory is released once the copy is done, and in the backward pass it comes back one layer
+ahead of the recomputation that needs it. The GPU then holds two or three of them at a time instead of all of them.
+The arithmetic is unchanged; each step moves those bytes over PCIe once each way.
+
+The streams, events and host buffers are set up per layer, so the copies can be captured inside cuda_graphs.py's
+graphs and replayed: a host buffer is never freed or moved while a captured graph may still copy into it.
+"""
+
+import contextlib
+
+import torch
+
+
+class _Saved:
+    """What the autograd graph keeps instead of a layer's input: where its bytes are on the host."""
+
+    __slots__ = ("device", "dtype", "host", "position", "shape")
+
+    def __init__(self, position, host, shape, dtype, device):
+        self.position, self.host, self.shape, self.dtype, self.device = position, host, shape, dtype, device
+
+
+class ActivationOffload:
+    """One model's offloaded layer inputs: host buffers per layer, the side stream, the copies in flight."""
+
+    def __init__(self):
+        self.buffers: dict = {}  # layer -> pinned uint8 buffer (grown, never shrunk: graphs may hold its address)
+        self.retired: list = []  # outgrown buffers, kept alive for the graphs captured with them
+        self.stream = None
+        self.in_flight: list = []  # (GPU tensor, copy done) of this pass whose memory the compute stream still holds
+        self.saved: list = []  # this forward pass's _Saved, in layer order
+        self.fetched: dict = {}  # position -> (GPU tensor, copy done): inputs brought back ahead of their layer
+        self.pass_open = False
+        self.offloaded = 0  # layer inputs sent to the host so far (for tests and the run summary)
+
+    # forward ---------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def saving(self, layer, hidden_states: torch.Tensor):
+        """While a checkpointed layer starts: its input, when autograd saves it, goes to the host."""
+
+        # the input's address and shape, not the tensor: autograd keeps this function as long as what it saved,
+        # and a reference to the tensor from here would keep it on the GPU
+        address, shape = hidden_states.data_ptr(), hidden_states.shape
+
+        def pack(tensor):
+            if tensor.data_ptr() != address or tensor.shape != shape:
+                return tensor  # the checkpoint's other inputs (an empty marker tensor): kept as they are
+            return self.send(layer, tensor)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, self.unpack):
+            yield
+
+    def send(self, layer, tensor: torch.Tensor) -> _Saved:
+        if not self.pass_open:  # the first layer of a new forward pass
+            self.saved, self.fetched, self.pass_open = [], {}, True
+        host = self.host_view(layer, tensor)
+        if tensor.is_cuda:
+            compute = torch.cuda.current_stream(tensor.device)
+            self.release_in_flight(compute)  # the previous layer's input: copied by now, its memory can go
+            side = self.side_stream(tensor.device)
+            side.wait_stream(compute)
+            with torch.cuda.stream(side):
+                host.copy_(tensor, non_blocking=True)
+            self.in_flight.append((tensor, side.record_event()))
+        else:
+            host.copy_(tensor)
+        saved = _Saved(len(self.saved), host, tensor.shape, tensor.dtype, tensor.device)
+        self.saved.append(saved)
+        self.offloaded += 1
+        return saved
+
+    def release_in_flight(self, compute) -> None:
+        """The compute stream waits for the copies in flight, then lets their GPU tensors go (in stream order, so
+        the memory is reused only after the copy has read it)."""
+        for _, done in self.in_flight:
+            compute.wait_event(done)
+        self.in_flight = []
+
+    def end_forward(self) -> None:
+        """After the last decoder layer: every copy joins the compute stream (a captured graph must end joined)."""
+        if self.in_flight:
+            self.release_in_flight(torch.cuda.current_stream(self.in_flight[0][0].device))
+        self.pass_open = False
+
+    def before_final_norm(self, module, args) -> None:
+        self.end_forward()
+
+    # backward --------------------------------------------------------------------------------------------------
+    def unpack(self, packed):
+        if not isinstance(packed, _Saved):
+            return packed
+        fetched = self.fetched.pop(packed.position, None) or self.fetch(packed)
+        tensor, done = fetched
+        if done is not None:
+            torch.cuda.current_stream(tensor.device).wait_event(done)
+        if packed.position > 0 and packed.position - 1 < len(self.saved) and self.saved[packed.position - 1]:
+            previous = self.saved[packed.position - 1]  # the layer the backward pass reaches next
+            if previous.position not in self.fetched:
+                self.fetched[previous.position] = self.fetch(previous)
+        return tensor
+
+    def fetch(self, saved: _Saved):
+        tensor = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
+        if not tensor.is_cuda:
+            return tensor.copy_(saved.host), None
+        side = self.side_stream(tensor.device)
+        side.wait_stream(torch.cuda.current_stream(tensor.device))  # the allocation is the compute stream's
+        with torch.cuda.stream(side):
+            tensor.copy_(saved.host, non_blocking=True)
+        return tensor, side.record_event()
+
+    # buffers and streams ---------------------------------------------------------------------------------------
+    def host_view(self, layer, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer = self.buffers.get(layer)
+        if buffer is None or buffer.numel() < nbytes:
+            if buffer is not None:
+                self.retired.append(buffer)
+            # pinned memory makes the copies asynchronous; double on growth so varying shapes allocate rarely
+            size = nbytes if buffer is None else max(nbytes, 2 * buffer.numel())
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=tensor.is_cuda)
+            self.buffers[layer] = buffer
+        return buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
+
+    def side_stream(self, device):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+
+class OffloadedCheckpoint:
+    """A decoder layer's gradient checkpointing function whose saved input is offloaded."""
+
+    def __init__(self, checkpoint, offload: ActivationOffload, layer):
+        self.checkpoint, self.offload, self.layer = checkpoint, offload, layer
+        # read like a functools.partial's by the other wrappers of this function (fused_qlora.keep_mlp_outputs)
+        self.keywords = getattr(checkpoint, "keywords", {})
+
+    def __call__(self, function, *args, **kwargs):
+        if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
+            return self.checkpoint(function, *args, **kwargs)
+        with self.offload.saving(self.layer, args[0]):
+            return self.checkpoint(function, *args, **kwargs)
+
+
+def offload_layer_inputs(model) -> int:
+    """Offload the saved inputs of `model`'s checkpointed decoder layers; returns how many layers now do. Call once
+    gradient checkpointing is on (the Trainer turns it on when training starts); calling again changes nothing."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
+
+    layers = 0
+    for text_model in (m for m in model.modules() if isinstance(m, Gemma3TextModel)):
+        offload = getattr(text_model, "activation_offload", None)
+        if offload is None:
+            offload = text_model.activation_offload = ActivationOffload()
+            text_model.norm.register_forward_pre_hook(offload.before_final_norm)
+        for index, layer in enumerate(text_model.layers):
+            checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+            if not getattr(layer, "gradient_checkpointing", False) or checkpoint is None:
+                continue
+            if not isinstance(checkpoint, OffloadedCheckpoint):
+                layer._gradient_checkpointing_func = OffloadedCheckpoint(checkpoint, offload, index)
+            layers += 1
+    return layers
+
+
+# Putting it in place (gemma_sft/patches/registry.py turns it on and off)
+def applies(speed, training_args, model_args) -> bool:
+    # non-reentrant checkpointing saves the layer input through autograd's hooks; torch_compile would trace them
+    reentrant = (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False)
+    return (
+        torch.cuda.is_available()
+        and bool(training_args.gradient_checkpointing)
+        and not reentrant
+        and not training_args.torch_compile
+    )

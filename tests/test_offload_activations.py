@@ -1,0 +1,183 @@
+"""Checkpointed layer inputs offloaded to host memory (patches/offload_activations.py): the host holds exactly each
+layer's input, gradients are those of keeping them on the device, and on a GPU the peak memory falls by about the
+bytes moved while training (graphs or not) learns the same adapter."""
+
+import gc
+import weakref
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_cuda_graphs import GPU, loss_and_grads, padded_batch, tiny_lora_model, train_both_ways
+from test_fused_qlora import four_bit_lora_model
+
+from gemma_sft import patches
+from gemma_sft.patches import cuda_graphs, fused_qlora
+from gemma_sft.patches.offload_activations import offload_layer_inputs
+
+
+def test_offloading_applies_on_a_gpu_with_non_reentrant_checkpointing(monkeypatch):
+    def applies(gpu=True, checkpointing=True, reentrant=None, compiled=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        kwargs = None if reentrant is None else {"use_reentrant": reentrant}
+        args = SimpleNamespace(gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs,
+                               torch_compile=compiled)  # fmt: skip
+        return patches.BY_SWITCH["offload_activations"].applies(None, args, None)
+
+    assert applies() and applies(reentrant=False)
+    assert not applies(gpu=False)
+    assert not applies(checkpointing=False)  # nothing saved per layer to move
+    assert not applies(reentrant=True)  # reentrant checkpointing keeps its inputs outside autograd's hooks
+    assert not applies(compiled=True)
+
+
+def _text_model(model):
+    return model.base_model.model.model
+
+
+def _layer_inputs(model):
+    """Record each decoder layer's input as the forward pass hands it over: a copy, and a weak reference to it."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0].detach().clone(), weakref.ref(args[0])))
+
+    for layer in _text_model(model).layers:
+        layer.register_forward_pre_hook(record, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_host_holds_each_layer_input_and_gradients_are_unchanged(tiny_model_dir, dropout):
+    model = tiny_lora_model(tiny_model_dir, "cpu", dropout=dropout, four_bit=False)
+    batch = padded_batch("cpu")
+    loss, grads = loss_and_grads(model, *batch, seed=0)
+    assert offload_layer_inputs(model) == 2 and offload_layer_inputs(model) == 2  # wrapped once
+    inputs = _layer_inputs(model)
+    offload = _text_model(model).activation_offload
+    offloaded_loss, offloaded_grads = loss_and_grads(model, *batch, seed=0)
+    assert offload.offloaded == 2 and len(offload.saved) == 2 and not offload.in_flight
+    for saved, (layer_input, _) in zip(offload.saved, inputs[:2]):
+        assert torch.equal(saved.host, layer_input)  # the layer's input, not another tensor it saved
+    assert offloaded_loss == loss and offloaded_grads.keys() == grads.keys() and len(grads) == 28
+    for name in grads:
+        torch.testing.assert_close(offloaded_grads[name], grads[name], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def eight_layer_model_dir(tmp_path_factory, tiny_model_dir):
+    from conftest import tiny_text_config
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_text_config(num_hidden_layers=8, layer_types=["sliding_attention", "full_attention"] * 4)
+    path = tmp_path_factory.mktemp("eight-layers")
+    Gemma3ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_offloaded_inputs_are_let_go_after_the_forward_pass(eight_layer_model_dir):
+    """What offloading is for: once the forward pass is over, nothing holds the layer inputs it moved (the first
+    layer's, the embedding output, is the model's own business); without offloading autograd holds them all."""
+    model = tiny_lora_model(eight_layer_model_dir, "cpu", dropout=0.0, four_bit=False)
+    batch = padded_batch("cpu")
+    alive = []
+    for offloading in (False, True):
+        if offloading:
+            assert offload_layer_inputs(model) == 8
+        inputs = _layer_inputs(model)
+        logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
+        gc.collect()
+        alive.append([reference() is not None for _, reference in inputs[:8]])
+        logits.float().mean().backward()  # and the backward pass still finds them
+        for layer in _text_model(model).layers:
+            layer._forward_pre_hooks.clear()
+    assert alive == [[True] * 8, [True] + [False] * 7]
+
+
+def test_offloading_wraps_the_checkpoint_that_keeps_mlp_outputs(tiny_model_dir):
+    """With keep_mlp_outputs (fused 4-bit layers), the down projections still replay their kept outputs, the inputs
+    still go to the host, and the gradients are those of full recomputation."""
+    model = four_bit_lora_model(tiny_model_dir, 0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patches.enable("fused_qlora")
+    replays = []
+    original = fused_qlora.QLoRALinear.forward
+    ids = torch.randint(10, 1000, (2, 33), device=model.device)  # bitsandbytes puts the 4-bit model on a GPU if any
+
+    def run():
+        torch.manual_seed(1)
+        loss = model(ids).logits.float().pow(2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return loss.detach(), grads
+
+    try:
+        full_loss, full_grads = run()
+        assert fused_qlora.keep_mlp_outputs(model) == 2 and offload_layer_inputs(model) == 2
+        counted = staticmethod(lambda *args: replays.append("out" in (args[10] or {})) or original(*args))
+        fused_qlora.QLoRALinear.forward = counted
+        loss, grads = run()
+    finally:
+        fused_qlora.QLoRALinear.forward = original
+        patches.disable("fused_qlora")
+    assert sum(replays) == 2  # one kept output handed back per decoder layer
+    assert _text_model(model).activation_offload.offloaded == 2
+    assert loss == full_loss and grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=0, atol=0)
+
+
+@GPU
+def test_on_a_gpu_offloading_lowers_peak_memory_and_replays_the_same_steps(eight_layer_model_dir):
+    """Eager and through CUDA graphs, offloaded steps give the eager steps' loss and gradients, dropout included; on
+    a long batch the body's peak memory falls by at least half of the layer inputs no longer held."""
+    patches.enable("fused_qlora")
+    model = tiny_lora_model(eight_layer_model_dir, "cuda", dropout=0.3, four_bit=True)
+    batch = padded_batch("cuda")
+    eager_loss, eager_grads = loss_and_grads(model, *batch, seed=7)
+
+    def body_peak(tokens):
+        ids = torch.randint(3, 1000, (1, tokens), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _text_model(model)(input_ids=ids).last_hidden_state.float().square().mean().backward()
+        torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated() - before
+
+    layers = len(_text_model(model).layers)
+    tokens = 65536
+    kept = body_peak(tokens)
+    assert offload_layer_inputs(model) == layers
+    offloaded = body_peak(tokens)
+    layer_input = tokens * model.config.hidden_size * 2  # bf16
+    assert kept - offloaded >= 0.5 * (layers - 1) * layer_input, (kept, offloaded, layer_input)
+
+    for graphed in (False, True):
+        if graphed:
+            assert cuda_graphs.graph_text_models(model) == 1
+            loss_and_grads(model, *batch, seed=3)  # captures
+        for _ in range(2):
+            loss, grads = loss_and_grads(model, *batch, seed=7)
+            torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-4)
+            for name in eager_grads:
+                torch.testing.assert_close(grads[name], eager_grads[name], rtol=2e-2, atol=1e-3)
+    stack = _text_model(model).forward
+    assert stack.failed is None and stack.replays == 3  # the capturing call replays too
+
+
+@GPU
+def test_packed_graphed_training_with_offloading_learns_what_it_learns_without(tmp_path, monkeypatch, tiny_model_dir):
+    torch._dynamo.reset()
+    packed = ["--packing", "true", "--max_length", "512", "--pad_to_multiple_of", "512", "--attn_implementation",
+              "flex_attention", "--cuda_graphs", "true"]  # fmt: skip
+    runs = train_both_ways(tmp_path, monkeypatch, tiny_model_dir, 24, packed, switch="offload_activations")
+    (stacks, offloaded_losses, offloaded, steps, trainer), (_, losses, kept, *_) = runs
+    assert len(stacks) == 1 and stacks[0].failed is None and stacks[0].replays == steps > 3
+    assert _text_model(trainer.model).activation_offload.offloaded > 0
+    assert offloaded_losses == pytest.approx(losses, rel=2e-3)
+    for name in kept:
+        torch.testing.assert_close(offloaded[name], kept[name], rtol=2e-2, atol=1e-4)
