@@ -11,14 +11,15 @@ import torch
 from test_cuda_graphs import GPU, loss_and_grads, padded_batch, tiny_lora_model, train_both_ways
 from test_fused_qlora import four_bit_lora_model
 
-from gemma_sft import patches
+from gemma_sft import hardware, patches
 from gemma_sft.patches import cuda_graphs, fused_qlora
 from gemma_sft.patches.offload_activations import offload_layer_inputs
 
 
 def test_offloading_applies_on_a_gpu_with_non_reentrant_checkpointing(monkeypatch):
-    def applies(gpu=True, checkpointing=True, reentrant=None, compiled=False):
+    def applies(gpu=True, checkpointing=True, reentrant=None, compiled=False, sharded=False):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        monkeypatch.setattr(hardware, "sharded_launch", lambda: sharded)
         kwargs = None if reentrant is None else {"use_reentrant": reentrant}
         args = SimpleNamespace(gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs,
                                torch_compile=compiled)  # fmt: skip
@@ -29,6 +30,7 @@ def test_offloading_applies_on_a_gpu_with_non_reentrant_checkpointing(monkeypatc
     assert not applies(checkpointing=False)  # nothing saved per layer to move
     assert not applies(reentrant=True)  # reentrant checkpointing keeps its inputs outside autograd's hooks
     assert not applies(compiled=True)
+    assert not applies(sharded=True)  # FSDP and ZeRO-3 wrap the layers their own way
 
 
 def _text_model(model):

@@ -14,6 +14,8 @@ import contextlib
 
 import torch
 
+from gemma_sft import hardware
+
 
 class _Saved:
     """What the autograd graph keeps instead of a layer's input: where its bytes are on the host."""
@@ -170,11 +172,13 @@ def offload_layer_inputs(model) -> int:
 
 # Putting it in place (gemma_sft/patches/registry.py turns it on and off)
 def applies(speed, training_args, model_args) -> bool:
-    # non-reentrant checkpointing saves the layer input through autograd's hooks; torch_compile would trace them
+    # non-reentrant checkpointing saves the layer input through autograd's hooks; torch_compile would trace them;
+    # FSDP and ZeRO-3 checkpoint through their own wrappers (untried)
     reentrant = (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False)
     return (
         torch.cuda.is_available()
         and bool(training_args.gradient_checkpointing)
         and not reentrant
         and not training_args.torch_compile
+        and not hardware.sharded_launch()
     )
