@@ -83,3 +83,12 @@ def test_every_make_target_is_phony_and_on_the_users_page():
     missing = [t for t in sorted(targets) if f"make {t}" not in readme and f"`{t}`" not in readme]
     assert not missing, f"Makefile targets missing from README.md: {missing}"
     assert len(readme.splitlines()) <= 220  # the user's page; method and history live in docs/
+
+
+def test_every_patch_switch_is_named_on_the_users_page_and_in_the_levers_table():
+    from gemma_sft.patches import PATCHES
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    levers = (REPO_ROOT / "docs" / "PERFORMANCE.md").read_text(encoding="utf-8")
+    missing = [p.switch for p in PATCHES if f"`{p.switch}`" not in readme or f"| `{p.switch}` |" not in levers]
+    assert not missing, f"patch switches missing from README.md or docs/PERFORMANCE.md's table: {missing}"
