@@ -37,6 +37,10 @@ def _text_model(model):
     return model.base_model.model.model
 
 
+def _host_copy(offload, key, like):
+    return offload.buffers[key][: like.numel() * like.element_size()].view(like.dtype).view(like.shape)
+
+
 def _layer_inputs(model):
     """Record each decoder layer's input as the forward pass hands it over: a copy, and a weak reference to it."""
     seen = []
@@ -58,9 +62,10 @@ def test_host_holds_each_layer_input_and_gradients_are_unchanged(tiny_model_dir,
     inputs = _layer_inputs(model)
     offload = _text_model(model).activation_offload
     offloaded_loss, offloaded_grads = loss_and_grads(model, *batch, seed=0)
-    assert offload.offloaded == 2 and len(offload.saved) == 2 and not offload.in_flight
-    for saved, (layer_input, _) in zip(offload.saved, inputs[:2]):
-        assert torch.equal(saved.host, layer_input)  # the layer's input, not another tensor it saved
+    assert offload.offloaded == 2 and not offload.in_flight and sorted(offload.buffers) == [(0, 0), (1, 0)]
+    for layer, (layer_input, _) in enumerate(inputs[:2]):
+        # the host holds the layer's input, not another tensor the checkpoint saved
+        assert torch.equal(_host_copy(offload, (layer, 0), layer_input), layer_input)
     assert offloaded_loss == loss and offloaded_grads.keys() == grads.keys() and len(grads) == 28
     for name in grads:
         torch.testing.assert_close(offloaded_grads[name], grads[name], rtol=0, atol=0)
@@ -95,6 +100,32 @@ def test_offloaded_inputs_are_let_go_after_the_forward_pass(eight_layer_model_di
         for layer in _text_model(model).layers:
             layer._forward_pre_hooks.clear()
     assert alive == [[True] * 8, [True] + [False] * 7]
+
+
+def test_two_forward_passes_before_one_backward_keep_their_own_inputs(tiny_model_dir):
+    """Two losses, one backward: the second forward pass writes another set of host buffers instead of overwriting
+    the inputs the first one's backward pass still needs; the gradients are those of keeping everything."""
+    model = tiny_lora_model(tiny_model_dir, "cpu", dropout=0.0, four_bit=False)
+    first, mask = padded_batch("cpu")
+    second = torch.flip(first, dims=[1])
+
+    def two_losses():
+        model.zero_grad(set_to_none=True)
+        losses = [model(input_ids=ids, attention_mask=mask).logits.float().square().mean() for ids in (first, second)]
+        sum(losses).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept = two_losses()
+    assert offload_layer_inputs(model) == 2
+    offloaded = two_losses()
+    assert sorted(_text_model(model).activation_offload.buffers) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert offloaded.keys() == kept.keys() and len(kept) == 28
+    for name in kept:
+        torch.testing.assert_close(offloaded[name], kept[name], rtol=0, atol=0)
+    offloaded_again = two_losses()  # both passes were taken back: the same two sets serve again
+    assert len(_text_model(model).activation_offload.buffers) == 4
+    for name in kept:
+        torch.testing.assert_close(offloaded_again[name], kept[name], rtol=0, atol=0)
 
 
 def test_offloading_wraps_the_checkpoint_that_keeps_mlp_outputs(tiny_model_dir):

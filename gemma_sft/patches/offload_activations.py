@@ -11,33 +11,47 @@ graphs and replayed: a host buffer is never freed or moved while a captured grap
 """
 
 import contextlib
+import weakref
 
 import torch
 
 from gemma_sft import hardware
 
 
+class _Pass:
+    """One forward pass's offloaded inputs, until its backward pass has taken them all back (or dropped them)."""
+
+    def __init__(self, slot: int):
+        self.slot = slot  # which set of host buffers it writes: another pass may still wait for its backward
+        self.saved: list = []  # weak references to its _Saved, in layer order
+        self.fetched: dict = {}  # position -> (GPU tensor, copy done): inputs brought back ahead of their layer
+        self.taken = 0
+
+    def done(self) -> bool:
+        return self.taken >= len(self.saved) or all(saved() is None for saved in self.saved)
+
+
 class _Saved:
     """What the autograd graph keeps instead of a layer's input: where its bytes are on the host."""
 
-    __slots__ = ("device", "dtype", "host", "position", "shape")
+    __slots__ = ("__weakref__", "device", "dtype", "host", "owner", "position", "shape")
 
-    def __init__(self, position, host, shape, dtype, device):
-        self.position, self.host, self.shape, self.dtype, self.device = position, host, shape, dtype, device
+    def __init__(self, owner: _Pass, host, tensor: torch.Tensor):
+        self.owner, self.position, self.host = owner, len(owner.saved), host
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
 
 
 class ActivationOffload:
     """One model's offloaded layer inputs: host buffers per layer, the side stream, the copies in flight."""
 
     def __init__(self):
-        self.buffers: dict = {}  # layer -> pinned uint8 buffer (grown, never shrunk: graphs may hold its address)
+        self.buffers: dict = {}  # (layer, slot) -> pinned uint8 buffer (never shrunk: graphs may hold its address)
         self.retired: list = []  # outgrown buffers, kept alive for the graphs captured with them
         self.stream = None
         self.in_flight: list = []  # (GPU tensor, copy done) of this pass whose memory the compute stream still holds
-        self.saved: list = []  # this forward pass's _Saved, in layer order
-        self.fetched: dict = {}  # position -> (GPU tensor, copy done): inputs brought back ahead of their layer
-        self.pass_open = False
-        self.offloaded = 0  # layer inputs sent to the host so far (for tests and the run summary)
+        self.recording: _Pass | None = None  # the forward pass under way
+        self.waiting: list = []  # passes whose backward has not taken all their inputs back
+        self.offloaded = 0  # layer inputs sent to the host so far
 
     # forward ---------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -56,10 +70,19 @@ class ActivationOffload:
         with torch.autograd.graph.saved_tensors_hooks(pack, self.unpack):
             yield
 
+    def new_pass(self) -> _Pass:
+        # Training alternates forward and backward, so one set of host buffers serves. A second forward pass before
+        # the first one's backward (two losses, one backward) writes another set instead of overwriting the first.
+        self.waiting = [waiting for waiting in self.waiting if not waiting.done()]
+        busy = {waiting.slot for waiting in self.waiting}
+        started = _Pass(min(set(range(len(busy) + 1)) - busy))
+        self.waiting.append(started)
+        return started
+
     def send(self, layer, tensor: torch.Tensor) -> _Saved:
-        if not self.pass_open:  # the first layer of a new forward pass
-            self.saved, self.fetched, self.pass_open = [], {}, True
-        host = self.host_view(layer, tensor)
+        if self.recording is None:  # the first layer of a new forward pass
+            self.recording = self.new_pass()
+        host = self.host_view((layer, self.recording.slot), tensor)
         if tensor.is_cuda:
             compute = torch.cuda.current_stream(tensor.device)
             self.release_in_flight(compute)  # the previous layer's input: copied by now, its memory can go
@@ -70,8 +93,8 @@ class ActivationOffload:
             self.in_flight.append((tensor, side.record_event()))
         else:
             host.copy_(tensor)
-        saved = _Saved(len(self.saved), host, tensor.shape, tensor.dtype, tensor.device)
-        self.saved.append(saved)
+        saved = _Saved(self.recording, host, tensor)
+        self.recording.saved.append(weakref.ref(saved))
         self.offloaded += 1
         return saved
 
@@ -86,7 +109,7 @@ class ActivationOffload:
         """After the last decoder layer: every copy joins the compute stream (a captured graph must end joined)."""
         if self.in_flight:
             self.release_in_flight(torch.cuda.current_stream(self.in_flight[0][0].device))
-        self.pass_open = False
+        self.recording = None
 
     def before_final_norm(self, module, args) -> None:
         self.end_forward()
@@ -95,14 +118,14 @@ class ActivationOffload:
     def unpack(self, packed):
         if not isinstance(packed, _Saved):
             return packed
-        fetched = self.fetched.pop(packed.position, None) or self.fetch(packed)
-        tensor, done = fetched
+        owner = packed.owner
+        tensor, done = owner.fetched.pop(packed.position, None) or self.fetch(packed)
+        owner.taken += 1
         if done is not None:
             torch.cuda.current_stream(tensor.device).wait_event(done)
-        if packed.position > 0 and packed.position - 1 < len(self.saved) and self.saved[packed.position - 1]:
-            previous = self.saved[packed.position - 1]  # the layer the backward pass reaches next
-            if previous.position not in self.fetched:
-                self.fetched[previous.position] = self.fetch(previous)
+        previous = owner.saved[packed.position - 1]() if packed.position > 0 else None
+        if previous is not None and previous.position not in owner.fetched:  # the layer the backward reaches next
+            owner.fetched[previous.position] = self.fetch(previous)
         return tensor
 
     def fetch(self, saved: _Saved):
@@ -116,16 +139,16 @@ class ActivationOffload:
         return tensor, side.record_event()
 
     # buffers and streams ---------------------------------------------------------------------------------------
-    def host_view(self, layer, tensor: torch.Tensor) -> torch.Tensor:
+    def host_view(self, key, tensor: torch.Tensor) -> torch.Tensor:
         nbytes = tensor.numel() * tensor.element_size()
-        buffer = self.buffers.get(layer)
+        buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < nbytes:
             if buffer is not None:
                 self.retired.append(buffer)
             # pinned memory makes the copies asynchronous; double on growth so varying shapes allocate rarely
             size = nbytes if buffer is None else max(nbytes, 2 * buffer.numel())
             buffer = torch.empty(size, dtype=torch.uint8, pin_memory=tensor.is_cuda)
-            self.buffers[layer] = buffer
+            self.buffers[key] = buffer
         return buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
 
     def side_stream(self, device):
