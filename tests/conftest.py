@@ -17,6 +17,14 @@ from gemma_sft.models import embedded, load_tokenizer, read_tokenizer
 
 SAMPLE = REPO_ROOT / "data" / "belle_sample_zh.jsonl"
 
+# glibc's malloc hands out every block over 32 MB (a chunk of logits over the 262k-word vocabulary is several hundred)
+# as fresh pages from the kernel and unmaps it on free, so each training step had the kernel zero the same memory
+# again. Served from the heap and never trimmed, freed blocks are reused instead. Set before the xdist workers start,
+# it reaches them and every script the tests run; other C libraries ignore it.
+_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+if _MALLOC_TUNABLES not in os.environ.get("GLIBC_TUNABLES", ""):
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), _MALLOC_TUNABLES]))
+
 # Prepared data is cached per test session (and per xdist worker), never in the user's cache; scripts run by the tests
 # inherit it.
 os.environ["GEMMA_SFT_DATA_CACHE"] = tempfile.mkdtemp(prefix="gemma-sft-test-data-")
@@ -194,29 +202,83 @@ def merged_270m(adapter_270m):
 
 @pytest.fixture(scope="session")
 def f16_270m(adapter_270m) -> Path:
-    """export.py's f16 GGUF folder of the adapter (checked in llama.cpp where it is installed)."""
-    from test_export import HAVE_LLAMA_CPP, export
+    """export.py's f16 GGUF folder of the adapter (checked in llama.cpp where it is installed), made in this process:
+    the adapter's tokenizer, read here, serves the tests on the file too (export.py itself runs in test_export)."""
+    import contextlib
+    import io
+
+    from test_export import HAVE_LLAMA_CPP
+
+    from gemma_sft.commands import export as export_script
 
     out = adapter_270m.parent / "gemma3-270m-test"
-    result = export(adapter_270m, out, "--type", "f16")
-    assert result.returncode == 0, result.stderr
-    assert not HAVE_LLAMA_CPP or "checked in llama.cpp" in result.stdout  # it read itself back before publishing
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        flags = ["--type", "f16"] if HAVE_LLAMA_CPP else ["--type", "f16", "--no-verify"]
+        assert export_script.main(["--adapter", str(adapter_270m), "--output", str(out), *flags]) == 0
+    assert not HAVE_LLAMA_CPP or "checked in llama.cpp" in printed.getvalue()  # it read itself back before publishing
     return out
 
 
 SHARED_270M = {"adapter_270m", "merged_270m", "f16_270m"}
 
+# The longest tests outside the groups, longest first (a few minutes of the suite's CPU time between them). They
+# start before the short ones, which then fill in whichever worker is ahead: a long test handed out last would leave
+# the other worker idle until it ends.
+LONGEST_FIRST = (
+    "test_demo_recipe_trains_an_adapter_that_beats_the_base_on_held_out_rows",
+    "test_cpu_mode_trains_each_set_up_and_writes_curves_table_and_plot",
+    "test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one",
+    "test_two_process_ddp_trains_one_adapter",
+    "test_multimodal_base_exports_the_language_model_only",
+    "test_training_changes_the_adapter_and_the_saved_adapter_reloads_identically",
+    "test_fsdp_saves_and_resumes_the_whole_adapter",
+    "test_a_second_run_on_the_same_output_folder_is_refused_naming_the_first",
+    "test_kernels_under_triton_interpreter",
+    "test_multimodal_gemma_3_trains_its_language_model_only_and_reloads",
+    "test_user_mistakes_exit_2_with_one_line_and_no_output_dir",
+    "test_packing_keeps_each_sample_to_itself",
+)
+
+
+def _shared_fixtures(item) -> set[str]:
+    """The shared fixtures a test uses: those it names, and those it asks for by name while it runs."""
+    names = set(getattr(item, "fixturenames", ()))
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    constants = {value for value in code.co_consts if isinstance(value, str)} if code else set()
+    return (names | constants) & (SHARED_270M | {"tiny_adapter"})
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests on the trained tiny adapter share one xdist worker: the adapter is trained once, not once per worker; and
-    they train, so `make test-fast` leaves them out. Likewise the tests on the 270M's shared fixtures."""
+    they train, so `make test-fast` leaves them out. Likewise the tests on the 270M's shared fixtures. The longest
+    other tests come first."""
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if "tiny_adapter" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("tiny_adapter"))
+        fixtures = _shared_fixtures(item)
+        group = "tiny_adapter" if "tiny_adapter" in fixtures else "embedded_270m" if fixtures else None
+        if group == "tiny_adapter":
             item.add_marker(pytest.mark.train)
-        elif fixtures & SHARED_270M:
-            item.add_marker(pytest.mark.xdist_group("embedded_270m"))
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+            if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+                _name_group_in_node_id(item, group)
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(getattr(item, "originalname", item.name), len(rank)))
+
+
+def _name_group_in_node_id(item, group: str) -> None:
+    """What `--dist loadgroup` schedules by: the group after an "@" at the end of a test's id. pytest-xdist 3.8 writes
+    it to `item._nodeid`, which pytest 9.2 no longer reads (the id lives in `item._id`): without this, each worker
+    built the shared fixtures for itself."""
+    suffixed = f"{item.nodeid}@{group}"
+    if item.nodeid.endswith(f"@{group}"):
+        return
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(suffixed)
+    else:
+        item._nodeid = suffixed
 
 
 @pytest.fixture(autouse=True)

@@ -32,9 +32,9 @@ def test_demo_recipe_trains_an_adapter_that_beats_the_base_on_held_out_rows(tmp_
     from sft import main as sft_main
 
     out = tmp_path / "demo"
-    args = ["recipes/gemma3_270m_belle_demo.yaml", "--output_dir", str(out), "--max_samples", "16",
+    args = ["recipes/gemma3_270m_belle_demo.yaml", "--output_dir", str(out), "--max_samples", "8",
             "--eval_samples", "8", "--max_length", "512", "--save_strategy", "no", "--report_prompts", "1",
-            "--report_max_new_tokens", "24"]  # fmt: skip
+            "--report_max_new_tokens", "8"]  # fmt: skip
     assert sft_main(args) == 0
     report = json.loads((out / "eval_report.json").read_text())
     assert report["adapter"]["rows"] == 8 and report["adapter"]["tokens"] > 8 * 100

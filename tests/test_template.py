@@ -107,14 +107,26 @@ def test_rendering_matches_the_official_template_on_any_conversation(tokenizer, 
     assert ours == official
 
 
-def test_a_tokenizer_folder_is_read_once_per_process_until_it_changes(tokenizer_dir, tmp_path):
-    """read_tokenizer shares one object per folder and chat template; an edited folder is read again."""
-    import shutil
+def small_tokenizer_folder(folder):
+    """A tokenizer folder laid out as the Gemma 3 one is (tokenizer.json and tokenizer_config.json, padding on the
+    left, no chat template) with a few tokens, <end_of_turn> among them: reading the real one takes seconds, and what
+    is checked below is when a folder is read, not what it holds."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "user", "model", "\n"]
+    backend = Tokenizer(models.BPE(vocab={piece: i for i, piece in enumerate(pieces)}, merges=[], unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                            pad_token="<pad>", padding_side="left").save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def test_a_tokenizer_folder_is_read_once_per_process_until_it_changes(tmp_path):
+    """read_tokenizer shares one object per folder and chat template; an edited folder is read again."""
     from gemma_sft.models import load_tokenizer, read_chat_template, read_tokenizer
 
-    folder = tmp_path / "tokenizer"
-    shutil.copytree(tokenizer_dir, folder)
+    folder = small_tokenizer_folder(tmp_path / "tokenizer")
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     first = read_tokenizer(str(folder))
     assert read_tokenizer(str(folder)) is first
     ours = load_tokenizer(str(folder))

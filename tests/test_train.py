@@ -19,7 +19,8 @@ PROBE = "<bos><start_of_turn>user\n计算 3 加 5 等于多少？<end_of_turn>\n
 RELOAD = """
 import json, sys, torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 base, adapter, four_bit, text = sys.argv[1:5]
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -33,8 +34,8 @@ if four_bit == "1":  # TRL trains QLoRA adapters in bf16 (after the QLoRA paper)
 # bitsandbytes' CPU eval mode repacks 4-bit weights with bf16 scales (a different rounding than training, kept
 # after switching back): compare 4-bit models in train mode, with every dropout at 0
 model.train(four_bit == "1")
-tokenizer = AutoTokenizer.from_pretrained(adapter)
-ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+# the saved tokenizer.json as the Rust tokenizer reads it (what transformers wraps, without seconds of set-up)
+ids = torch.tensor([Tokenizer.from_file(f"{adapter}/tokenizer.json").encode(text, add_special_tokens=False).ids])
 with torch.no_grad():
     print(json.dumps(model(ids).logits[0, -5:].tolist()))
 """

@@ -49,10 +49,13 @@ def _pipeline(backend) -> str:
 def _token_bytes(backend) -> np.ndarray | None:
     if backend is None:
         return None
-    spec = json.loads(backend.to_str())
-    model, normalizer = spec.get("model") or {}, spec.get("normalizer")
+    from tokenizers.models import BPE
+
+    # Each part asked for alone: the whole tokenizer as JSON is tens of megabytes to write and parse again
+    normalizer = None if backend.normalizer is None else json.loads(backend.normalizer.__getstate__())
     space_only = normalizer is None or normalizer == {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE}
-    if model.get("type") != "BPE" or not model.get("byte_fallback") or spec.get("pre_tokenizer") or not space_only:
+    bpe = isinstance(backend.model, BPE)
+    if not bpe or not backend.model.byte_fallback or backend.pre_tokenizer is not None or not space_only:
         return None
     vocabulary = backend.get_vocab(with_added_tokens=True)
     added = {token.content for token in backend.get_added_tokens_decoder().values()}
