@@ -61,6 +61,7 @@ BF16_STORAGE = ["--bnb_4bit_quant_storage", "bfloat16"]  # FSDP shards only floa
 NO_DROPOUT = ["--lora_dropout", "0"]
 FAST = [*NO_DROPOUT, *GC_EVERY_2]  # a speed-first variant: no dropout, checkpointing every 2nd layer
 ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # the same tokens per optimizer step
+ROWS_8K = ["--max_length", "8192", "--pad_to_multiple_of", "8192"]  # one packed row of 8,192 tokens per step
 ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "2"]
 
 # name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
@@ -122,6 +123,19 @@ SETUPS = {
         ["--max_length", "8192", "--pad_to_multiple_of", "8192", "--offload_activations", "true"],
         None,
     ),
+    "ours_offload_fused_adamw": (
+        "as shipped, layer inputs in host memory and PyTorch's fused AdamW (offload_activations true, optim "
+        "adamw_torch_fused)",
+        MISSION,
+        ["--offload_activations", "true", "--optim", "adamw_torch_fused"],
+        None,
+    ),
+    "ours_8k_offload_fused_adamw": (
+        "as shipped, one packed row of 8,192 tokens per step, layer inputs in host memory and PyTorch's fused AdamW",
+        MISSION,
+        [*ROWS_8K, "--offload_activations", "true", "--optim", "adamw_torch_fused"],
+        None,
+    ),
     "ours_16k": (
         "as shipped: one packed row of 16,384 tokens per step (the name is kept for its results)",
         MISSION,
@@ -178,6 +192,12 @@ SETUPS = {
         "low-memory recipe, layer inputs in pinned host memory (offload_activations true)",
         LOW_MEMORY,
         ["--offload_activations", "true"],
+        None,
+    ),
+    "low_memory_offload_fused_adamw": (
+        "low-memory recipe, layer inputs in pinned host memory and PyTorch's fused AdamW",
+        LOW_MEMORY,
+        ["--offload_activations", "true", "--optim", "adamw_torch_fused"],
         None,
     ),
     "low_memory_static": (
@@ -410,6 +430,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 
     started = time.time()
     profile_to = os.environ.get("BENCH_PROFILE_DIR")  # the last step's profile (GPU kernels, host side) goes there
+    # the first step under cProfile (where the warm-up's compilation goes); it slows that step, so a run of its own
+    first_step_to = os.environ.get("BENCH_PROFILE_FIRST_DIR")
     _, recipe, flags, _ = SETUPS[name]
     parsed = config.parse(
         [recipe, *flags, "--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file),
@@ -443,8 +465,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             self._t0 = self._seen = self._gc = self._retries = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if profile_to and state.global_step == steps - 2:  # Python's own view of the host, one step earlier
-                self.python_profile = cProfile.Profile()
+            if (profile_to and state.global_step == steps - 2) or (first_step_to and state.global_step == 0):
+                self.python_profile = cProfile.Profile()  # Python's own view of the host
                 self.python_profile.enable()
             if profile_to and state.global_step == steps - 1:
                 activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -465,7 +487,11 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             self.captures.append(graph_captures(kwargs["model"]) - sum(self.captures))  # new CUDA graphs this step
             if getattr(self, "python_profile", None) is not None:
                 self.python_profile.disable()
-                write_python_profile(self.python_profile, self.times[-1], Path(profile_to) / f"python-{name}.txt")
+                if state.global_step == 1 and first_step_to:
+                    path = Path(first_step_to) / f"python-first-step-{name}.txt"
+                else:
+                    path = Path(profile_to) / f"python-{name}.txt"
+                write_python_profile(self.python_profile, self.times[-1], path)
                 self.python_profile = None
             if getattr(self, "profiler", None) is not None:
                 self.profiler.stop()
@@ -529,6 +555,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "step_tokens": timer.tokens,
         "step_gc_s": timer.gc_seconds,
         "step_alloc_retries": timer.alloc_retries,
+        "compile_s": compile_seconds(),
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(mission_s),
         **graphs,
@@ -544,6 +571,14 @@ def steady_figures(times: list[float], tokens: list[int], warmup: int) -> tuple[
     tok_s = sum(n for _, n in steady) / sum(t for t, _ in steady)
     warmup_excess = sum(max(0.0, t - n / tok_s) for t, n in zip(times[:warmup], tokens[:warmup]))
     return tok_s, warmup_excess, round(statistics.median(n for _, n in steady))
+
+
+def compile_seconds() -> dict:
+    """Seconds torch.compile spent, by phase (flex_attention and its block masks are compiled on first use)."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {name: round(float(value), 1) for name, value in zip(names, values) if float(value) >= 0.5}
 
 
 def graph_captures(model) -> int:
