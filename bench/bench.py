@@ -76,7 +76,7 @@ SETUPS = {
     "ours_8k": (
         "as shipped, with one packed row of 8,192 tokens per step (padded to that one shape)",
         MISSION,
-        ["--max_length", "8192", "--pad_to_multiple_of", "8192"],
+        ROWS_8K,
         None,
     ),
     "ours_eager": (
@@ -88,14 +88,14 @@ SETUPS = {
     "ours_8k_eager": (
         "as shipped, with one packed row of 8,192 tokens per step, issued from Python each step (cuda_graphs false)",
         MISSION,
-        ["--max_length", "8192", "--pad_to_multiple_of", "8192", "--cuda_graphs", "false"],
+        [*ROWS_8K, "--cuda_graphs", "false"],
         None,
     ),
     "ours_8k_fused_adamw": (
         "as shipped, one packed row of 8,192 tokens per step, with PyTorch's fused AdamW (adamw_torch_fused) for "
         "bitsandbytes' paged 32-bit AdamW",
         MISSION,
-        ["--max_length", "8192", "--pad_to_multiple_of", "8192", "--optim", "adamw_torch_fused"],
+        [*ROWS_8K, "--optim", "adamw_torch_fused"],
         None,
     ),
     "ours_fused_adamw": (
@@ -104,36 +104,10 @@ SETUPS = {
         ["--optim", "adamw_torch_fused"],
         None,
     ),
-    "ours_offload": (
-        "as shipped, with the checkpointed layer inputs in pinned host memory (offload_activations true)",
+    "ours_no_offload": (
+        "as shipped, with the checkpointed layer inputs kept on the GPU (offload_activations false)",
         MISSION,
-        ["--offload_activations", "true"],
-        None,
-    ),
-    "ours_offload_recompute": (
-        "as shipped, layer inputs in host memory and the MLP outputs recomputed (offload_activations true, "
-        "keep_mlp_outputs false): memory first at 16,384 tokens per step",
-        MISSION,
-        ["--offload_activations", "true", "--keep_mlp_outputs", "false"],
-        None,
-    ),
-    "ours_8k_offload": (
-        "as shipped, one packed row of 8,192 tokens per step, layer inputs in host memory (offload_activations true)",
-        MISSION,
-        ["--max_length", "8192", "--pad_to_multiple_of", "8192", "--offload_activations", "true"],
-        None,
-    ),
-    "ours_offload_fused_adamw": (
-        "as shipped, layer inputs in host memory and PyTorch's fused AdamW (offload_activations true, optim "
-        "adamw_torch_fused)",
-        MISSION,
-        ["--offload_activations", "true", "--optim", "adamw_torch_fused"],
-        None,
-    ),
-    "ours_8k_offload_fused_adamw": (
-        "as shipped, one packed row of 8,192 tokens per step, layer inputs in host memory and PyTorch's fused AdamW",
-        MISSION,
-        [*ROWS_8K, "--offload_activations", "true", "--optim", "adamw_torch_fused"],
+        ["--offload_activations", "false"],
         None,
     ),
     "ours_16k": (
@@ -188,16 +162,10 @@ SETUPS = {
         ["--cuda_graphs", "false"],
         None,
     ),
-    "low_memory_offload": (
-        "low-memory recipe, layer inputs in pinned host memory (offload_activations true)",
+    "low_memory_no_offload": (
+        "low-memory recipe, with the checkpointed layer inputs kept on the GPU (offload_activations false)",
         LOW_MEMORY,
-        ["--offload_activations", "true"],
-        None,
-    ),
-    "low_memory_offload_fused_adamw": (
-        "low-memory recipe, layer inputs in pinned host memory and PyTorch's fused AdamW",
-        LOW_MEMORY,
-        ["--offload_activations", "true", "--optim", "adamw_torch_fused"],
+        ["--offload_activations", "false"],
         None,
     ),
     "low_memory_static": (
@@ -342,6 +310,16 @@ SETUPS = {
 # Unsloth (bench/unsloth_reference.py, in its own environment): name -> (tokens per packed row and optimizer step,
 # our set-up it is compared with, at the same tokens per step). Not in the default list: it needs that environment.
 UNSLOTH = {"unsloth": (16384, "ours"), "unsloth_8k": (8192, "ours_8k")}
+
+
+def setup_optimizer(name: str) -> str:
+    """The optimizer one of our set-ups trains with (its flags, else its recipe): Unsloth is given the same one."""
+    import yaml
+
+    _, recipe, flags, _ = SETUPS[name]
+    if "--optim" in flags:
+        return flags[flags.index("--optim") + 1]
+    return yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))["optim"]
 
 
 def gpus_needed(launcher: list[str] | None) -> int:
@@ -789,7 +767,8 @@ def main() -> int:
             tokens = UNSLOTH[name][0]
             print(f"== {name}: Unsloth (bench/unsloth_reference.py), {tokens:,} tokens per step", flush=True)
             command = [args.unsloth_python, str(ROOT / "bench" / "unsloth_reference.py"), "--max_length",
-                       str(tokens), *common, "--out", str(work / f"{name}.json")]  # fmt: skip
+                       str(tokens), "--optim", setup_optimizer(UNSLOTH[name][1]), *common,
+                       "--out", str(work / f"{name}.json")]  # fmt: skip
             env = {**one_gpu, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
             if args.unsloth_pythonpath:
                 env["PYTHONPATH"] = args.unsloth_pythonpath

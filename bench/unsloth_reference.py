@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument("--max_length", type=int, default=16384, help="tokens per packed row (= per optimizer step)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state figure")
+    parser.add_argument("--optim", default="paged_adamw_32bit", help="the optimizer (bench.py passes our set-up's)")
     parser.add_argument("--model-config", default=None, help="architecture (default: bench.py's, gemma-3-4b-it)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results-unsloth.json"))
     args = parser.parse_args()
@@ -118,7 +119,7 @@ def main() -> int:
         args=SFTConfig(
             output_dir="/tmp/bench-unsloth", dataset_text_field="text", packing=True, max_length=args.max_length,
             per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=2e-4, bf16=True,
-            optim="paged_adamw_32bit", max_grad_norm=0.3, max_steps=args.steps, logging_steps=1, report_to="none",
+            optim=args.optim, max_grad_norm=0.3, max_steps=args.steps, logging_steps=1, report_to="none",
             save_strategy="no", include_num_input_tokens_seen="non_padding", seed=0,
         ),
     )  # fmt: skip
@@ -130,7 +131,7 @@ def main() -> int:
     result = {
         "setup": f"unsloth_{args.max_length}",
         "description": f"unsloth {unsloth.__version__}, one packed row of {args.max_length:,} tokens per step, "
-        "LoRA dropout 0, its gradient checkpointing",
+        f"LoRA dropout 0, its gradient checkpointing, {args.optim}",
         "model": model_config.name.removesuffix(".config.json"),
         "card": card,
         "processes": 1,
