@@ -110,6 +110,13 @@ SETUPS = {
         ["--offload_activations", "false"],
         None,
     ),
+    "ours_compiled_block_masks": (
+        "as shipped, flex_attention's block masks built through torch.compile as transformers builds them "
+        "(block_masks_without_compile false): run after `ours` in one call, its warm-up extra is their compilation",
+        MISSION,
+        ["--block_masks_without_compile", "false"],
+        None,
+    ),
     "ours_16k": (
         "as shipped: one packed row of 16,384 tokens per step (the name is kept for its results)",
         MISSION,

@@ -130,6 +130,14 @@ class SpeedArguments:
             "per token per layer less GPU memory, the same bytes over PCIe each way; patches/offload_activations.py)."
         },
     )
+    block_masks_without_compile: bool = field(
+        default=True,
+        metadata={
+            "help": "Build flex_attention's block masks in bands of query rows, eagerly, instead of through "
+            "torch.compile: the same masks without minutes of compilation on a fresh machine at long rows "
+            "(gemma_sft/patches/block_masks.py)."
+        },
+    )
     fused_output_head: bool = field(
         default=True,
         metadata={

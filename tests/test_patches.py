@@ -7,6 +7,7 @@ import pytest
 import trl.trainer.utils as trl_utils
 from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
 from peft.tuners.lora import bnb as peft_bnb
+from transformers import masking_utils
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer import sft_trainer
@@ -22,10 +23,12 @@ def current(switch: str):
         "fused_output_head": lambda: trl_utils._ChunkedLogProbFunction,
         "pack_in_one_pass": lambda: sft_trainer.pack_dataset,
         "tuned_flex_attention": lambda: ALL_ATTENTION_FUNCTIONS["flex_attention"],
+        "block_masks_without_compile": lambda: masking_utils.create_block_mask,
     }[switch]()
 
 
-PROCESS_WIDE = ["fused_qlora", "fused_output_head", "pack_in_one_pass", "tuned_flex_attention"]
+PROCESS_WIDE = ["fused_qlora", "fused_output_head", "pack_in_one_pass", "tuned_flex_attention",
+                "block_masks_without_compile"]  # fmt: skip
 
 
 def test_every_entry_has_a_switch_and_every_switch_an_entry():

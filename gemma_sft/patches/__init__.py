@@ -10,6 +10,7 @@ in the registry with a switch, the version they were checked against and whether
     packing           TRL's packing in one pass over the sample (speed)
     cuda_graphs       the decoder stack's training passes replayed as CUDA graphs (speed)
     packed_block_masks  flex_attention block masks of packed rows kept in place for the graphs
+    block_masks       flex_attention block masks built in bands of query rows, without torch.compile (speed: warm-up)
     fsdp_checkpoints  FSDP checkpoints that hold the adapter and the optimizer state (fix)
 """
 

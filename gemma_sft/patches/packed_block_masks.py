@@ -37,9 +37,10 @@ class PackedBlockMasks:
     """One row shape's masks ("full_attention", "sliding_attention": BlockMask), refilled in place by `refill`."""
 
     def __init__(self, config, position_ids: torch.Tensor):
-        from torch.nn.attention.flex_attention import create_block_mask
+        from transformers import masking_utils
 
-        self.create_block_mask = create_block_mask
+        # whichever builder transformers' own masks use (block_masks.py's when block_masks_without_compile is on)
+        self.create_block_mask = masking_utils.create_block_mask
         self.shape = tuple(position_ids.shape)
         self.sequences = sequence_numbers(position_ids)  # read by the mask functions, refilled in place
         sequences, window = self.sequences, config.sliding_window
@@ -56,7 +57,7 @@ class PackedBlockMasks:
 
     def build(self, mask_function):
         batch, length = self.shape
-        # compiled like transformers' own masks: the eager builder materialises every token pair
+        # built like transformers' own masks (_compile: torch's eager builder would hold every token pair at once)
         return self.create_block_mask(mask_function, batch, None, length, length, device=self.sequences.device,
                                       _compile=self.sequences.is_cuda)  # fmt: skip
 

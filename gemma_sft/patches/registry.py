@@ -17,6 +17,7 @@ from gemma_sft import hardware
 from gemma_sft.errors import UserError
 from gemma_sft.patches import (
     attention,
+    block_masks,
     cuda_graphs,
     fsdp_checkpoints,
     fused_qlora,
@@ -69,6 +70,8 @@ PATCHES = [
     Patch("tuned_flex_attention", SPEED, 'the "flex_attention" entry of AttentionInterface', "transformers", "5.17.0",
           attention.install_tuned_flex, attention.uninstall_tuned_flex,
           lambda speed, args, model_args: model_args.attn_implementation == "flex_attention"),
+    Patch("block_masks_without_compile", SPEED, "transformers.masking_utils.create_block_mask (torch's, compiled)",
+          "transformers", "5.17.0", block_masks.install, block_masks.uninstall, block_masks.applies),
     Patch("qk_norm_in_stored_layout", SPEED, "the forward of each attention layer's q_norm and k_norm",
           "transformers", "5.17.0", on_train_begin=attention.qk_norm_in_stored_layout),
     Patch("cuda_graphs", SPEED, "the forward of each Gemma3TextModel while it trains on one GPU",
