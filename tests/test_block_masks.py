@@ -28,8 +28,9 @@ def packed_positions(lengths: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(n) for n in lengths])[None]
 
 
+@pytest.mark.parametrize("marked", [False, True])  # evaluated through vmap; called once on broadcast indices
 @pytest.mark.parametrize("band_pairs", [2**27, 300 * 128, 128 * 128])  # one band; several; one block row each
-def test_same_block_mask_as_torch_for_packed_rows_in_any_bands(monkeypatch, band_pairs):
+def test_same_block_mask_as_torch_for_packed_rows_in_any_bands(monkeypatch, band_pairs, marked):
     monkeypatch.setattr(block_masks, "BAND_TOKEN_PAIRS", band_pairs)
     sequences = torch.repeat_interleave(torch.tensor([0, 1, 2, 3]), torch.tensor([300, 41, 600, 59]))[None]
     window = 260  # over two blocks: some blocks are whole
@@ -37,6 +38,8 @@ def test_same_block_mask_as_torch_for_packed_rows_in_any_bands(monkeypatch, band
     def sliding_in_sequence(b, h, q, kv):
         return (kv <= q) & (kv > q - window) & (sequences[b, q] == sequences[b, kv])
 
+    sliding_in_sequence.broadcasts = marked
+    assert block_masks.broadcasts(sliding_in_sequence) is marked
     ours = block_masks.create_block_mask_in_bands(sliding_in_sequence, 1, None, 1000, 1000, device="cpu")
     assert_same_block_mask(ours, create_block_mask(sliding_in_sequence, 1, None, 1000, 1000, device="cpu"))
     assert ours.full_kv_num_blocks.sum() > 0 and ours.kv_num_blocks.sum() > 0  # both kinds of block occur
@@ -70,6 +73,7 @@ def test_transformers_masks_are_torchs_with_padding_batches_and_heads(monkeypatc
     finally:
         patches.disable("block_masks_without_compile")
     for mask, reference in zip(ours, theirs):
+        assert block_masks.broadcasts(mask.mask_mod)  # transformers' functions: one call on broadcast indices
         assert_same_block_mask(mask, reference)
 
 

@@ -33,10 +33,7 @@ def create_block_mask_in_bands(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK
     for start in range(0, Q_LEN, rows):
         length = min(rows, Q_LEN - start)
 
-        def band_mask(b, h, q, kv, start=start):
-            return mask_mod(b, h, q + start, kv)
-
-        band = flex.create_mask(band_mask, batch, heads, length, KV_LEN, device)
+        band = _evaluate(mask_mod, batch, heads, start, length, KV_LEN, device)
         band = torch.nn.functional.pad(band, (0, kv_padded - KV_LEN, 0, _round_up(length, q_block) - length))
         blocks = band.view(batch, heads, -1, q_block, kv_padded // kv_block, kv_block)
         sums.append(blocks.sum(dim=(3, 5)))
@@ -48,6 +45,27 @@ def create_block_mask_in_bands(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK
     else:
         partial, full = (block_sums > 0).to(torch.int8), None
     return flex._create_sparse_block_from_block_mask((partial, full), mask_mod, (Q_LEN, KV_LEN), q_block, kv_block)
+
+
+def broadcasts(mask_mod) -> bool:
+    """Whether `mask_mod` may be called once on broadcast index tensors instead of through vmap: transformers' mask
+    functions and those marked so (elementwise operations and indexing only; tests/test_block_masks.py compares)."""
+    return getattr(mask_mod, "broadcasts", False) or getattr(mask_mod, "__module__", "").startswith("transformers.")
+
+
+def _evaluate(mask_mod, batch: int, heads: int, start: int, length: int, kv_length: int, device) -> torch.Tensor:
+    """The mask over query rows start..start+length: (batch, heads, length, kv_length) booleans."""
+    from torch.nn.attention import flex_attention as flex
+
+    if broadcasts(mask_mod):  # one call: vmap's per-operation cost is most of a mask's time at these sizes
+        b, h, q, kv = (torch.arange(n, device=device).view([-1 if i == d else 1 for i in range(4)])
+                       for d, n in enumerate((batch, heads, length, kv_length)))  # fmt: skip
+        return mask_mod(b, h, q + start, kv).expand(batch, heads, length, kv_length)
+
+    def band_mask(b, h, q, kv):
+        return mask_mod(b, h, q + start, kv)
+
+    return flex.create_mask(band_mask, batch, heads, length, kv_length, device)
 
 
 # Putting it in place (gemma_sft/patches/registry.py turns it on and off)

@@ -51,6 +51,7 @@ class PackedBlockMasks:
         def sliding_in_sequence(batch, head, q, kv):
             return (kv <= q) & (kv > q - window) & (sequences[batch, q] == sequences[batch, kv])
 
+        causal_in_sequence.broadcasts = sliding_in_sequence.broadcasts = True  # see block_masks.broadcasts
         rules = {"full_attention": causal_in_sequence, "sliding_attention": sliding_in_sequence}
         self.mask_functions = {name: rules[name] for name in sorted(set(config.layer_types))}
         self.masks = {name: self.build(function) for name, function in self.mask_functions.items()}
