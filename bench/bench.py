@@ -110,6 +110,19 @@ SETUPS = {
         ["--offload_activations", "false"],
         None,
     ),
+    "ours_offload_kept": (
+        "as shipped, the kept MLP outputs in pinned host memory too (offload_kept_outputs true)",
+        MISSION,
+        ["--offload_kept_outputs", "true"],
+        None,
+    ),
+    "low_memory_keep_offloaded": (
+        "low-memory recipe, the MLP outputs kept instead of recomputed and held in host memory with the layer inputs "
+        "(keep_mlp_outputs true, offload_kept_outputs true)",
+        LOW_MEMORY,
+        ["--keep_mlp_outputs", "true", "--offload_kept_outputs", "true"],
+        None,
+    ),
     "ours_compiled_block_masks": (
         "as shipped, flex_attention's block masks built through torch.compile as transformers builds them "
         "(block_masks_without_compile false): run after `ours` in one call, its warm-up extra is their compilation",

@@ -130,6 +130,13 @@ class SpeedArguments:
             "per token per layer less GPU memory, the same bytes over PCIe each way; patches/offload_activations.py)."
         },
     )
+    offload_kept_outputs: bool = field(
+        default=False,
+        metadata={
+            "help": "With offload_activations and keep_mlp_outputs: the kept MLP outputs wait in pinned host memory "
+            "too, brought back a layer ahead of their recomputation (as many bytes again as the layer inputs)."
+        },
+    )
     block_masks_without_compile: bool = field(
         default=True,
         metadata={

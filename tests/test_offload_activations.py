@@ -162,6 +162,57 @@ def test_offloading_wraps_the_checkpoint_that_keeps_mlp_outputs(tiny_model_dir):
         torch.testing.assert_close(grads[name], full_grads[name], rtol=0, atol=0)
 
 
+def test_kept_mlp_outputs_wait_on_the_host_and_come_back_for_the_recomputation(tiny_model_dir, monkeypatch):
+    """offload_kept_outputs: the host holds exactly each down projection's kept output, the recomputation gets it back
+    in place of computing it, and the gradients are still those of full recomputation."""
+    from gemma_sft.patches import offload_activations
+
+    model = four_bit_lora_model(tiny_model_dir, 0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patches.enable("fused_qlora")
+    monkeypatch.setattr(offload_activations, "kept_outputs_too", True)
+    replays, first_pass = [], []
+    original = fused_qlora.QLoRALinear.forward
+    ids = torch.randint(10, 1000, (2, 33), device=model.device)
+    downs = [layer.mlp.down_proj for layer in _text_model(model).layers]
+
+    def record(module, args, output):
+        if torch.is_grad_enabled() and len(first_pass) < len(downs):  # the first pass comes before any recomputation
+            first_pass.append(output.detach().clone())
+
+    def run():
+        torch.manual_seed(1)
+        loss = model(ids).logits.float().pow(2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return loss.detach(), grads
+
+    try:
+        full_loss, full_grads = run()
+        assert fused_qlora.keep_mlp_outputs(model) == 2 and offload_layer_inputs(model) == 2
+        for down in downs:
+            down.register_forward_hook(record)
+        counted = staticmethod(lambda *args: replays.append(args[10] or {}) or original(*args))
+        fused_qlora.QLoRALinear.forward = counted
+        loss, grads = run()
+    finally:
+        fused_qlora.QLoRALinear.forward = original
+        patches.disable("fused_qlora")
+    offload = _text_model(model).activation_offload
+    assert offload.offloaded == 2 and offload.kept_offloaded == 2
+    handed_back = [kept["out"] for kept in replays if "out" in kept]
+    assert len(handed_back) == 2 and all(isinstance(out, torch.Tensor) for out in handed_back)
+    for position, output in enumerate(first_pass):
+        host = _host_copy(offload, ("kept", position, 0, 0), output.reshape(-1, output.shape[-1]))
+        assert torch.equal(host, output.reshape(host.shape))  # exactly the first pass's output
+    for out, output in zip(reversed(handed_back), first_pass):  # the backward pass meets the last layer first
+        assert torch.equal(out, output)
+    assert loss == full_loss and grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=0, atol=0)
+
+
 @GPU
 def test_on_a_gpu_offloading_lowers_peak_memory_and_replays_the_same_steps(eight_layer_model_dir):
     """Eager and through CUDA graphs, offloaded steps give the eager steps' loss and gradients, dropout included; on
@@ -200,6 +251,50 @@ def test_on_a_gpu_offloading_lowers_peak_memory_and_replays_the_same_steps(eight
                 torch.testing.assert_close(grads[name], eager_grads[name], rtol=2e-2, atol=1e-3)
     stack = _text_model(model).forward
     assert stack.failed is None and stack.replays == 3  # the capturing call replays too
+
+
+@GPU
+def test_on_a_gpu_kept_outputs_on_the_host_lower_peak_memory_and_replay_the_same_steps(eight_layer_model_dir,
+                                                                                     monkeypatch):  # fmt: skip
+    """offload_kept_outputs on top of the offloaded inputs: the body's peak falls by at least half of the kept MLP
+    outputs, and eager and graphed steps give the steps without it."""
+    from gemma_sft.patches import offload_activations
+
+    patches.enable("fused_qlora")
+    model = tiny_lora_model(eight_layer_model_dir, "cuda", dropout=0.3, four_bit=True)
+    layers = len(_text_model(model).layers)
+    assert fused_qlora.keep_mlp_outputs(model) == layers and offload_layer_inputs(model) == layers
+    batch = padded_batch("cuda")
+    inputs_only_loss, inputs_only_grads = loss_and_grads(model, *batch, seed=7)
+
+    def body_peak(tokens):
+        ids = torch.randint(3, 1000, (1, tokens), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _text_model(model)(input_ids=ids).last_hidden_state.float().square().mean().backward()
+        torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated() - before
+
+    tokens = 65536
+    inputs_only = body_peak(tokens)
+    monkeypatch.setattr(offload_activations, "kept_outputs_too", True)
+    both = body_peak(tokens)
+    assert _text_model(model).activation_offload.kept_offloaded >= layers
+    kept_output = tokens * model.config.hidden_size * 2  # bf16
+    assert inputs_only - both >= 0.5 * (layers - 1) * kept_output, (inputs_only, both, kept_output)
+
+    for graphed in (False, True):
+        if graphed:
+            assert cuda_graphs.graph_text_models(model) == 1
+            loss_and_grads(model, *batch, seed=3)  # captures
+        for _ in range(2):
+            loss, grads = loss_and_grads(model, *batch, seed=7)
+            torch.testing.assert_close(loss, inputs_only_loss, rtol=1e-3, atol=1e-4)
+            for name in inputs_only_grads:
+                torch.testing.assert_close(grads[name], inputs_only_grads[name], rtol=2e-2, atol=1e-3)
+    assert _text_model(model).forward.failed is None
 
 
 @GPU

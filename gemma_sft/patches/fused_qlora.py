@@ -117,12 +117,16 @@ def fused_forward(layer, x):
     if getattr(layer, "keep_output", False) and _checkpoint_phase:
         by_layer, replaying = _checkpoint_phase
         kept = by_layer.pop(layer, None) if replaying else by_layer.setdefault(layer, {})
+        if replaying and kept is not None and not isinstance(kept.get("out"), torch.Tensor):
+            kept["out"] = kept["out"].take()  # held elsewhere meanwhile (offload_activations.KeptOnHost)
     out = QLoRALinear.apply(
         x, lora_x, layer.base_layer.weight, layer.base_layer.weight.quant_state, lora_a, layer.lora_B[name].weight,
         layer.scaling[name], lora_dtype, kernel_p, kept,
     )  # fmt: skip
     if kept is not None and "out" not in kept:  # the first pass: the output joins what QLoRALinear kept (autograd
         kept["out"] = out.detach()  # refuses in-place changes to a custom Function's outputs, so it stays as read)
+        if kept_output_stash is not None:
+            kept["out"] = kept_output_stash(kept["out"])
     return out
 
 
@@ -134,6 +138,8 @@ def fused_forward(layer, x):
 # arithmetic per byte kept) keeps its output, its adapter's small product and its dropout seed from the first pass,
 # and the recomputation hands them back instead of computing them again.
 _checkpoint_phase = None  # (outputs kept by layer, replaying?) while a checkpointed decoder layer runs
+# tensor -> what the kept dict holds instead until the recomputation (offload_activations.py sets it), or None
+kept_output_stash = None
 
 
 @contextlib.contextmanager

@@ -6,6 +6,10 @@ layer computes, its GPU memory is released once the copy is done, and in the bac
 ahead of the recomputation that needs it. The GPU then holds two or three of them at a time instead of all of them.
 The arithmetic is unchanged; each step moves those bytes over PCIe once each way.
 
+With `kept_outputs_too` (recipe key offload_kept_outputs) the MLP outputs that keep_mlp_outputs holds through the
+step (fused_qlora.py: as many bytes per layer as its input) travel the same way: sent while the layer goes on, brought
+back when the backward pass reaches the layer before it, handed to the recomputation in place of the GPU copy.
+
 The streams, events and host buffers are set up per layer, so the copies can be captured inside cuda_graphs.py's
 graphs and replayed: a host buffer is never freed or moved while a captured graph may still copy into it.
 """
@@ -16,6 +20,8 @@ import weakref
 import torch
 
 from gemma_sft import hardware
+
+kept_outputs_too = False  # also the MLP outputs keep_mlp_outputs keeps (switch offload_kept_outputs)
 
 
 class _Pass:
@@ -34,11 +40,34 @@ class _Pass:
 class _Saved:
     """What the autograd graph keeps instead of a layer's input: where its bytes are on the host."""
 
-    __slots__ = ("__weakref__", "device", "dtype", "host", "owner", "position", "shape")
+    __slots__ = ("__weakref__", "device", "dtype", "host", "kept", "owner", "position", "shape")
 
     def __init__(self, owner: _Pass, host, tensor: torch.Tensor):
         self.owner, self.position, self.host = owner, len(owner.saved), host
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self.kept: list = []  # weak references to the layer's KeptOnHost outputs
+
+
+class KeptOnHost:
+    """A kept MLP output (fused_qlora.py) held on the host: what the layer's recomputation takes back."""
+
+    __slots__ = ("__weakref__", "device", "dtype", "fetched", "host", "offload", "shape")
+
+    def __init__(self, offload, host, tensor: torch.Tensor):
+        self.offload, self.host, self.fetched = offload, host, None
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+
+    def prefetch(self) -> None:
+        if self.fetched is None:
+            self.fetched = self.offload.fetch(self)
+
+    def take(self) -> torch.Tensor:
+        """The output back on its device, once its copy is done (in stream order)."""
+        self.prefetch()
+        (tensor, done), self.fetched = self.fetched, None
+        if done is not None:
+            torch.cuda.current_stream(tensor.device).wait_event(done)
+        return tensor
 
 
 class ActivationOffload:
@@ -52,6 +81,7 @@ class ActivationOffload:
         self.recording: _Pass | None = None  # the forward pass under way
         self.waiting: list = []  # passes whose backward has not taken all their inputs back
         self.offloaded = 0  # layer inputs sent to the host so far
+        self.kept_offloaded = 0  # kept MLP outputs sent to the host so far
 
     # forward ---------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -82,10 +112,19 @@ class ActivationOffload:
     def send(self, layer, tensor: torch.Tensor) -> _Saved:
         if self.recording is None:  # the first layer of a new forward pass
             self.recording = self.new_pass()
-        host = self.host_view((layer, self.recording.slot), tensor)
+        if tensor.is_cuda:  # the previous layer's tensors: copied by now, their memory can go
+            self.release_in_flight(torch.cuda.current_stream(tensor.device))
+        saved = _Saved(self.recording, self.copy_out((layer, self.recording.slot), tensor), tensor)
+        self.recording.saved.append(weakref.ref(saved))
+        self.offloaded += 1
+        return saved
+
+    def copy_out(self, key, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` copied into the host buffer `key`; on a GPU the copy runs on the side stream and the tensor's
+        memory is let go once the compute stream has waited for it."""
+        host = self.host_view(key, tensor)
         if tensor.is_cuda:
             compute = torch.cuda.current_stream(tensor.device)
-            self.release_in_flight(compute)  # the previous layer's input: copied by now, its memory can go
             side = self.side_stream(tensor.device)
             side.wait_stream(compute)
             with torch.cuda.stream(side):
@@ -93,10 +132,19 @@ class ActivationOffload:
             self.in_flight.append((tensor, side.record_event()))
         else:
             host.copy_(tensor)
-        saved = _Saved(self.recording, host, tensor)
-        self.recording.saved.append(weakref.ref(saved))
-        self.offloaded += 1
-        return saved
+        return host
+
+    def send_kept(self, tensor: torch.Tensor):
+        """A kept MLP output of the layer being recorded, sent to the host; returns what stands in for it (the
+        tensor itself outside an offloaded layer's first pass)."""
+        layer = self.recording.saved[-1]() if self.recording is not None and self.recording.saved else None
+        if layer is None:
+            return tensor
+        key = ("kept", layer.position, len(layer.kept), self.recording.slot)
+        kept = KeptOnHost(self, self.copy_out(key, tensor), tensor)
+        layer.kept.append(weakref.ref(kept))
+        self.kept_offloaded += 1
+        return kept
 
     def release_in_flight(self, compute) -> None:
         """The compute stream waits for the copies in flight, then lets their GPU tensors go (in stream order, so
@@ -126,9 +174,14 @@ class ActivationOffload:
         previous = owner.saved[packed.position - 1]() if packed.position > 0 else None
         if previous is not None and previous.position not in owner.fetched:  # the layer the backward reaches next
             owner.fetched[previous.position] = self.fetch(previous)
+        for layer in (packed, previous):  # this layer's kept outputs (if not yet on their way) and the next one's
+            for kept in (reference() for reference in (layer.kept if layer is not None else ())):
+                if kept is not None:
+                    kept.prefetch()
         return tensor
 
-    def fetch(self, saved: _Saved):
+    def fetch(self, saved):
+        """A _Saved input or a KeptOnHost output back on its device: (tensor, copy done or None on CPU)."""
         tensor = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
         if not tensor.is_cuda:
             return tensor.copy_(saved.host), None
@@ -168,8 +221,16 @@ class OffloadedCheckpoint:
     def __call__(self, function, *args, **kwargs):
         if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
             return self.checkpoint(function, *args, **kwargs)
-        with self.offload.saving(self.layer, args[0]):
-            return self.checkpoint(function, *args, **kwargs)
+        from gemma_sft.patches import fused_qlora
+
+        previous = fused_qlora.kept_output_stash
+        if kept_outputs_too:  # the first pass of the layer hands its kept MLP output over (send_kept)
+            fused_qlora.kept_output_stash = self.offload.send_kept
+        try:
+            with self.offload.saving(self.layer, args[0]):
+                return self.checkpoint(function, *args, **kwargs)
+        finally:
+            fused_qlora.kept_output_stash = previous
 
 
 def offload_layer_inputs(model) -> int:

@@ -124,6 +124,7 @@ def install(speed, training_args, model_args) -> list[TrainerCallback]:
     """Turn each entry on where its switch is true and it applies, off otherwise; returns the callback that applies
     the per-model parts when training starts."""
     fused_qlora.dropout_in_kernels = speed.lora_dropout_in_kernels
+    offload_activations.kept_outputs_too = speed.offload_kept_outputs
     wanted = set(applying(speed, training_args, model_args))
     on_train_begin = []
     for entry in PATCHES:
