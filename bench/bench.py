@@ -334,12 +334,12 @@ UNSLOTH = {"unsloth": (16384, "ours"), "unsloth_8k": (8192, "ours_8k")}
 
 def setup_optimizer(name: str) -> str:
     """The optimizer one of our set-ups trains with (its flags, else its recipe): Unsloth is given the same one."""
-    import yaml
+    from gemma_sft import config
 
     _, recipe, flags, _ = SETUPS[name]
     if "--optim" in flags:
         return flags[flags.index("--optim") + 1]
-    return yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))["optim"]
+    return config.load_recipe(recipe)["optim"]
 
 
 def gpus_needed(launcher: list[str] | None) -> int:

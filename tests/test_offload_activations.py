@@ -41,6 +41,40 @@ def _host_copy(offload, key, like):
     return offload.buffers[key][: like.numel() * like.element_size()].view(like.dtype).view(like.shape)
 
 
+def _loss_and_grads_on(model, ids):
+    torch.manual_seed(1)
+    loss = model(ids).logits.float().pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def _body_peak(model, tokens: int) -> int:
+    """Peak GPU memory of the decoder stack's forward and backward on one row of `tokens` tokens, above the start."""
+    ids = torch.randint(3, 1000, (1, tokens), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _text_model(model)(input_ids=ids).last_hidden_state.float().square().mean().backward()
+    torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _eager_and_graphed_steps_give(model, batch, expected_loss, expected_grads) -> None:
+    """Two eager steps, then the graphs captured and two replayed steps: each gives the expected loss and gradients."""
+    for graphed in (False, True):
+        if graphed:
+            assert cuda_graphs.graph_text_models(model) == 1
+            loss_and_grads(model, *batch, seed=3)  # captures
+        for _ in range(2):
+            loss, grads = loss_and_grads(model, *batch, seed=7)
+            torch.testing.assert_close(loss, expected_loss, rtol=1e-3, atol=1e-4)
+            for name in expected_grads:
+                torch.testing.assert_close(grads[name], expected_grads[name], rtol=2e-2, atol=1e-3)
+
+
 def _layer_inputs(model):
     """Record each decoder layer's input as the forward pass hands it over: a copy, and a weak reference to it."""
     seen = []
@@ -138,20 +172,12 @@ def test_offloading_wraps_the_checkpoint_that_keeps_mlp_outputs(tiny_model_dir):
     original = fused_qlora.QLoRALinear.forward
     ids = torch.randint(10, 1000, (2, 33), device=model.device)  # bitsandbytes puts the 4-bit model on a GPU if any
 
-    def run():
-        torch.manual_seed(1)
-        loss = model(ids).logits.float().pow(2).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad()
-        return loss.detach(), grads
-
     try:
-        full_loss, full_grads = run()
+        full_loss, full_grads = _loss_and_grads_on(model, ids)
         assert fused_qlora.keep_mlp_outputs(model) == 2 and offload_layer_inputs(model) == 2
         counted = staticmethod(lambda *args: replays.append("out" in (args[10] or {})) or original(*args))
         fused_qlora.QLoRALinear.forward = counted
-        loss, grads = run()
+        loss, grads = _loss_and_grads_on(model, ids)
     finally:
         fused_qlora.QLoRALinear.forward = original
         patches.disable("fused_qlora")
@@ -180,22 +206,14 @@ def test_kept_mlp_outputs_wait_on_the_host_and_come_back_for_the_recomputation(t
         if torch.is_grad_enabled() and len(first_pass) < len(downs):  # the first pass comes before any recomputation
             first_pass.append(output.detach().clone())
 
-    def run():
-        torch.manual_seed(1)
-        loss = model(ids).logits.float().pow(2).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad()
-        return loss.detach(), grads
-
     try:
-        full_loss, full_grads = run()
+        full_loss, full_grads = _loss_and_grads_on(model, ids)
         assert fused_qlora.keep_mlp_outputs(model) == 2 and offload_layer_inputs(model) == 2
         for down in downs:
             down.register_forward_hook(record)
         counted = staticmethod(lambda *args: replays.append(args[10] or {}) or original(*args))
         fused_qlora.QLoRALinear.forward = counted
-        loss, grads = run()
+        loss, grads = _loss_and_grads_on(model, ids)
     finally:
         fused_qlora.QLoRALinear.forward = original
         patches.disable("fused_qlora")
@@ -222,33 +240,15 @@ def test_on_a_gpu_offloading_lowers_peak_memory_and_replays_the_same_steps(eight
     batch = padded_batch("cuda")
     eager_loss, eager_grads = loss_and_grads(model, *batch, seed=7)
 
-    def body_peak(tokens):
-        ids = torch.randint(3, 1000, (1, tokens), device="cuda")
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        _text_model(model)(input_ids=ids).last_hidden_state.float().square().mean().backward()
-        torch.cuda.synchronize()
-        model.zero_grad(set_to_none=True)
-        return torch.cuda.max_memory_allocated() - before
-
     layers = len(_text_model(model).layers)
     tokens = 65536
-    kept = body_peak(tokens)
+    kept = _body_peak(model, tokens)
     assert offload_layer_inputs(model) == layers
-    offloaded = body_peak(tokens)
+    offloaded = _body_peak(model, tokens)
     layer_input = tokens * model.config.hidden_size * 2  # bf16
     assert kept - offloaded >= 0.5 * (layers - 1) * layer_input, (kept, offloaded, layer_input)
 
-    for graphed in (False, True):
-        if graphed:
-            assert cuda_graphs.graph_text_models(model) == 1
-            loss_and_grads(model, *batch, seed=3)  # captures
-        for _ in range(2):
-            loss, grads = loss_and_grads(model, *batch, seed=7)
-            torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-4)
-            for name in eager_grads:
-                torch.testing.assert_close(grads[name], eager_grads[name], rtol=2e-2, atol=1e-3)
+    _eager_and_graphed_steps_give(model, batch, eager_loss, eager_grads)
     stack = _text_model(model).forward
     assert stack.failed is None and stack.replays == 3  # the capturing call replays too
 
@@ -267,33 +267,15 @@ def test_on_a_gpu_kept_outputs_on_the_host_lower_peak_memory_and_replay_the_same
     batch = padded_batch("cuda")
     inputs_only_loss, inputs_only_grads = loss_and_grads(model, *batch, seed=7)
 
-    def body_peak(tokens):
-        ids = torch.randint(3, 1000, (1, tokens), device="cuda")
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        _text_model(model)(input_ids=ids).last_hidden_state.float().square().mean().backward()
-        torch.cuda.synchronize()
-        model.zero_grad(set_to_none=True)
-        return torch.cuda.max_memory_allocated() - before
-
     tokens = 65536
-    inputs_only = body_peak(tokens)
+    inputs_only = _body_peak(model, tokens)
     monkeypatch.setattr(offload_activations, "kept_outputs_too", True)
-    both = body_peak(tokens)
+    both = _body_peak(model, tokens)
     assert _text_model(model).activation_offload.kept_offloaded >= layers
     kept_output = tokens * model.config.hidden_size * 2  # bf16
     assert inputs_only - both >= 0.5 * (layers - 1) * kept_output, (inputs_only, both, kept_output)
 
-    for graphed in (False, True):
-        if graphed:
-            assert cuda_graphs.graph_text_models(model) == 1
-            loss_and_grads(model, *batch, seed=3)  # captures
-        for _ in range(2):
-            loss, grads = loss_and_grads(model, *batch, seed=7)
-            torch.testing.assert_close(loss, inputs_only_loss, rtol=1e-3, atol=1e-4)
-            for name in inputs_only_grads:
-                torch.testing.assert_close(grads[name], inputs_only_grads[name], rtol=2e-2, atol=1e-3)
+    _eager_and_graphed_steps_give(model, batch, inputs_only_loss, inputs_only_grads)
     assert _text_model(model).forward.failed is None
 
 

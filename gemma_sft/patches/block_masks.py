@@ -32,7 +32,6 @@ def create_block_mask_in_bands(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK
     sums = []
     for start in range(0, Q_LEN, rows):
         length = min(rows, Q_LEN - start)
-
         band = _evaluate(mask_mod, batch, heads, start, length, KV_LEN, device)
         band = torch.nn.functional.pad(band, (0, kv_padded - KV_LEN, 0, _round_up(length, q_block) - length))
         blocks = band.view(batch, heads, -1, q_block, kv_padded // kv_block, kv_block)
@@ -84,7 +83,3 @@ def uninstall() -> None:
 
     if masking_utils.create_block_mask is create_block_mask_in_bands:
         masking_utils.create_block_mask = create_block_mask
-
-
-def applies(speed, training_args, model_args) -> bool:
-    return model_args.attn_implementation == "flex_attention"

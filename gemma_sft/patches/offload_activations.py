@@ -20,6 +20,7 @@ import weakref
 import torch
 
 from gemma_sft import hardware
+from gemma_sft.patches import fused_qlora
 
 kept_outputs_too = False  # also the MLP outputs keep_mlp_outputs keeps (switch offload_kept_outputs)
 
@@ -64,10 +65,15 @@ class KeptOnHost:
     def take(self) -> torch.Tensor:
         """The output back on its device, once its copy is done (in stream order)."""
         self.prefetch()
-        (tensor, done), self.fetched = self.fetched, None
-        if done is not None:
-            torch.cuda.current_stream(tensor.device).wait_event(done)
-        return tensor
+        fetched, self.fetched = self.fetched, None
+        return _arrived(*fetched)
+
+
+def _arrived(tensor: torch.Tensor, done) -> torch.Tensor:
+    """A tensor fetched from the host, once the compute stream has waited for its copy (`done`; None on CPU)."""
+    if done is not None:
+        torch.cuda.current_stream(tensor.device).wait_event(done)
+    return tensor
 
 
 class ActivationOffload:
@@ -167,10 +173,8 @@ class ActivationOffload:
         if not isinstance(packed, _Saved):
             return packed
         owner = packed.owner
-        tensor, done = owner.fetched.pop(packed.position, None) or self.fetch(packed)
+        tensor = _arrived(*(owner.fetched.pop(packed.position, None) or self.fetch(packed)))
         owner.taken += 1
-        if done is not None:
-            torch.cuda.current_stream(tensor.device).wait_event(done)
         previous = owner.saved[packed.position - 1]() if packed.position > 0 else None
         if previous is not None and previous.position not in owner.fetched:  # the layer the backward reaches next
             owner.fetched[previous.position] = self.fetch(previous)
@@ -221,8 +225,6 @@ class OffloadedCheckpoint:
     def __call__(self, function, *args, **kwargs):
         if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
             return self.checkpoint(function, *args, **kwargs)
-        from gemma_sft.patches import fused_qlora
-
         previous = fused_qlora.kept_output_stash
         if kept_outputs_too:  # the first pass of the layer hands its kept MLP output over (send_kept)
             fused_qlora.kept_output_stash = self.offload.send_kept

@@ -33,6 +33,10 @@ def _always(speed, training_args, model_args) -> bool:
     return True
 
 
+def _under_flex_attention(speed, training_args, model_args) -> bool:
+    return model_args.attn_implementation == "flex_attention"
+
+
 def _under_fsdp(speed, training_args, model_args) -> bool:
     return hardware.fsdp_launch()
 
@@ -68,10 +72,9 @@ PATCHES = [
     Patch("pack_in_one_pass", SPEED, "trl.trainer.sft_trainer.pack_dataset", "trl", "1.16.0",
           packing.install, packing.uninstall, lambda speed, args, model_args: bool(args.packing)),
     Patch("tuned_flex_attention", SPEED, 'the "flex_attention" entry of AttentionInterface', "transformers", "5.17.0",
-          attention.install_tuned_flex, attention.uninstall_tuned_flex,
-          lambda speed, args, model_args: model_args.attn_implementation == "flex_attention"),
+          attention.install_tuned_flex, attention.uninstall_tuned_flex, _under_flex_attention),
     Patch("block_masks_without_compile", SPEED, "transformers.masking_utils.create_block_mask (torch's, compiled)",
-          "transformers", "5.17.0", block_masks.install, block_masks.uninstall, block_masks.applies),
+          "transformers", "5.17.0", block_masks.install, block_masks.uninstall, _under_flex_attention),
     Patch("qk_norm_in_stored_layout", SPEED, "the forward of each attention layer's q_norm and k_norm",
           "transformers", "5.17.0", on_train_begin=attention.qk_norm_in_stored_layout),
     Patch("cuda_graphs", SPEED, "the forward of each Gemma3TextModel while it trains on one GPU",
