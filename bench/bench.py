@@ -62,6 +62,7 @@ NO_DROPOUT = ["--lora_dropout", "0"]
 FAST = [*NO_DROPOUT, *GC_EVERY_2]  # a speed-first variant: no dropout, checkpointing every 2nd layer
 ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # the same tokens per optimizer step
 ROWS_8K = ["--max_length", "8192", "--pad_to_multiple_of", "8192"]  # one packed row of 8,192 tokens per step
+FP8, FUSED_ADAMW = ["--fp8_base_matmuls", "true"], ["--optim", "adamw_torch_fused"]
 ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "2"]
 
 # name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
@@ -121,6 +122,31 @@ SETUPS = {
         "(keep_mlp_outputs true, offload_kept_outputs true)",
         LOW_MEMORY,
         ["--keep_mlp_outputs", "true", "--offload_kept_outputs", "true"],
+        None,
+    ),
+    "ours_fp8": (
+        "as shipped, with the frozen weights' matmuls in FP8 (fp8_base_matmuls true)",
+        MISSION,
+        FP8,
+        None,
+    ),
+    "ours_fp8_adamw": (
+        "as shipped, FP8 frozen-weight matmuls and PyTorch's fused AdamW (fp8_base_matmuls true, adamw_torch_fused)",
+        MISSION,
+        [*FP8, *FUSED_ADAMW],
+        None,
+    ),
+    "ours_8k_fp8_adamw": (
+        "as shipped, one packed row of 8,192 tokens per step, FP8 frozen-weight matmuls and PyTorch's fused AdamW",
+        MISSION,
+        [*ROWS_8K, *FP8, *FUSED_ADAMW],
+        None,
+    ),
+    "low_memory_fp8_adamw_kept": (
+        "low-memory recipe, FP8 frozen-weight matmuls, PyTorch's fused AdamW, and the MLP outputs kept instead of "
+        "recomputed, held in host memory with the layer inputs (keep_mlp_outputs true, offload_kept_outputs true)",
+        LOW_MEMORY,
+        [*FP8, *FUSED_ADAMW, "--keep_mlp_outputs", "true", "--offload_kept_outputs", "true"],
         None,
     ),
     "ours_compiled_block_masks": (
@@ -329,7 +355,13 @@ SETUPS = {
 
 # Unsloth (bench/unsloth_reference.py, in its own environment): name -> (tokens per packed row and optimizer step,
 # our set-up it is compared with, at the same tokens per step). Not in the default list: it needs that environment.
-UNSLOTH = {"unsloth": (16384, "ours"), "unsloth_8k": (8192, "ours_8k")}
+# Unsloth trains with the optimizer of the set-up it is compared with.
+UNSLOTH = {
+    "unsloth": (16384, "ours"),
+    "unsloth_8k": (8192, "ours_8k"),
+    "unsloth_adamw": (16384, "ours_fp8_adamw"),
+    "unsloth_8k_adamw": (8192, "ours_8k_fp8_adamw"),
+}
 
 
 def setup_optimizer(name: str) -> str:

@@ -97,8 +97,8 @@ class RunArguments:
 @dataclass
 class SpeedArguments:
     """Switches for the speed-ups that replace part of another library (patches/registry.py, one entry each), and
-    merge_micro_batches, which replaces none. Each keeps the arithmetic; turn one off to compare, or if a library
-    upgrade moved what it replaces."""
+    merge_micro_batches, which replaces none. Each keeps the arithmetic but fp8_base_matmuls, which rounds the frozen
+    weight's products through FP8; turn one off to compare, or if a library upgrade moved what it replaces."""
 
     fused_qlora: bool = field(
         default=True,
@@ -112,6 +112,15 @@ class SpeedArguments:
         metadata={
             "help": "With fused_qlora on a GPU, draw LoRA dropout inside the adapter's kernels (same distribution as "
             "PEFT's, its own random stream) instead of making a dropped copy of the input."
+        },
+    )
+    fp8_base_matmuls: bool = field(
+        default=False,
+        metadata={
+            "help": "With fused_qlora on a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper): the "
+            "frozen 4-bit weight's matmuls in FP8 (e4m3, a power-of-two scale per row of each operand), twice bf16's "
+            "matmul rate; the adapter and its gradients stay in bf16. Changes the rounding, unlike the other "
+            "switches (patches/fp8_matmul.py); elsewhere bf16 as before."
         },
     )
     keep_mlp_outputs: bool = field(

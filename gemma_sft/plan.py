@@ -23,6 +23,7 @@ class Plan:
     merged_micro_batches: int = 1
     avoid_cudnn_attention: bool = False
     regional_compilation: bool = False
+    fp8_matmuls: bool = False  # the frozen weights' products in FP8 (fp8_base_matmuls, where the GPU has them)
 
     def summary(self) -> str:
         lines = [f"  {line}" for line in self.decisions] or ["  (nothing derived: the recipe as written)"]
@@ -103,4 +104,26 @@ def settle_training(training_args, model_args, speed, train_lengths, plan: Plan 
         if plan.regional_compilation:
             plan.decisions.append("torch.compile per decoder layer (regional compilation)")
     plan.patches = patches.applying(speed, training_args, model_args)
+    if speed.fp8_base_matmuls:
+        plan.fp8_matmuls, why_not = _fp8_here(plan.patches)
+        plan.decisions.append(
+            "the frozen 4-bit weights' matmuls in FP8 (e4m3, a scale per row)"
+            if plan.fp8_matmuls
+            else f"fp8_base_matmuls: {why_not}; the frozen weights' matmuls stay in bf16"
+        )
     return plan
+
+
+def _fp8_here(patches: list[str]) -> tuple[bool, str]:
+    """Whether fp8_base_matmuls takes effect in this run, and if not, why."""
+    import torch
+
+    from gemma_sft.patches import fp8_matmul
+
+    if "fused_qlora" not in patches:
+        return False, "it works inside fused_qlora, which this run does not use"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not fp8_matmul.supported(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return False, f"this GPU (compute capability {major}.{minor}) has no FP8 matmuls (8.9 or later needed)"
+    return True, ""

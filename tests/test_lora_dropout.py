@@ -63,6 +63,9 @@ def test_kernels_compute_dropout_written_out(kernels, rows, features, rank):
     assert grad_x.dtype == dtype and grad_x.shape == (rows, features)
     expected_grad_x = (grad_down.float() @ a.float()) * keep / (1 - module.effective_p(P))
     torch.testing.assert_close(grad_x.float(), expected_grad_x, atol=tolerance * 10, rtol=tolerance)
+    already = torch.randn(rows, features, device=device, dtype=dtype)  # what fp8_base_matmuls' product leaves there
+    added = module.grad_x(grad_down, a, P, seed, into=already.clone())
+    torch.testing.assert_close(added.float(), already.float() + expected_grad_x, atol=tolerance * 10, rtol=tolerance)
 
 
 def test_each_seed_and_element_draws_its_own_keep(kernels):

@@ -7,7 +7,8 @@ pace. Here the same arithmetic is one function: dequantize, one matmul for A, on
 product added into that output by its own matmul (in place), with a backward pass written out by hand. On a GPU,
 LoRA dropout happens inside the adapter's kernels (lora_dropout.py) instead of as a dropped copy of the
 input. Same results up to rounding and, with dropout, up to the random draw; layers it does not cover keep PEFT's own
-forward.
+forward. With `fp8_base_matmuls` the frozen weight's two matmuls run in FP8 where the GPU has FP8 tensor cores
+(fp8_matmul.py); that one changes the rounding, not only the speed.
 """
 
 import contextlib
@@ -16,8 +17,10 @@ import functools
 import torch
 
 from gemma_sft import hardware
+from gemma_sft.patches import fp8_matmul
 
 dropout_in_kernels = True  # False: PEFT's dropout module makes the dropped copy (switch lora_dropout_in_kernels)
+fp8_base_matmuls = False  # True: the frozen weight's products in FP8 where the device and shapes allow (its switch)
 
 
 class QLoRALinear(torch.autograd.Function):
@@ -52,12 +55,19 @@ class QLoRALinear(torch.autograd.Function):
         ctx.packed_weight, ctx.quant_state, ctx.scaling = packed_weight, quant_state, scaling
         ctx.shared_input = lora_x is x
         ctx.shapes = (x.shape, lora_x.shape, lora_x.dtype, lora_a.dtype, lora_b.dtype)
+        ctx.fp8 = fp8_base_matmuls and fp8_matmul.fits(x2d, quant_state.shape)
         if replaying:
             return kept["out"]
         if kept is not None:  # the first pass of a layer that keeps its results for the recomputation
             kept.update(down=down, seed=ctx.seed)
         weight = bnb_functional.dequantize_4bit(packed_weight, quant_state).to(dtype)
-        if lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): the adapter's output first, then the
+        if ctx.fp8:  # the frozen weight's product rounded through FP8, then the adapter's output added into it
+            out = fp8_matmul.linear(x2d, weight)
+            if lora_dtype == dtype:
+                out.addmm_(down, b.t(), alpha=scaling)
+            else:
+                out.add_((down @ b.t()).mul_(scaling).to(dtype))
+        elif lora_dtype == dtype:  # the usual case on GPUs (bf16 under autocast): the adapter's output first, then the
             # frozen weight's product added into it by the large matmul itself (in place: addmm copies its input)
             out = torch.empty(x2d.shape[0], weight.shape[0], device=x.device, dtype=dtype)
             out.addmm_(down, b.t(), beta=0, alpha=scaling).addmm_(x2d, weight.t())
@@ -83,8 +93,15 @@ class QLoRALinear(torch.autograd.Function):
         grad_x = grad_lora_x = None
         if ctx.needs_input_grad[0] or (ctx.shared_input and ctx.needs_input_grad[1]):
             weight = bnb_functional.dequantize_4bit(ctx.packed_weight, ctx.quant_state).to(grad2d.dtype)
-            # the adapter branch's input gradient first; the large matmul adds the frozen weight's into it
-            if kernels:  # masked as the adapter's input was
+            if ctx.fp8:  # the frozen weight's part through FP8 first, the adapter branch's added into it
+                grad_x = fp8_matmul.input_grad(grad2d, weight)
+                if kernels:
+                    kernels.grad_x(grad_down, a, ctx.dropout_p, ctx.seed, into=grad_x)
+                elif ctx.shared_input:
+                    grad_x.addmm_(grad_down.to(grad2d.dtype), a.to(grad2d.dtype))
+                grad_x = grad_x.view(x_shape)
+            # otherwise the adapter branch's input gradient first, the large matmul adding the frozen weight's into it
+            elif kernels:  # masked as the adapter's input was
                 grad_x = kernels.grad_x(grad_down, a, ctx.dropout_p, ctx.seed).addmm_(grad2d, weight).view(x_shape)
             elif ctx.shared_input:  # no dropout: both branches saw x
                 grad_x = (grad_down.to(grad2d.dtype) @ a.to(grad2d.dtype)).addmm_(grad2d, weight).view(x_shape)

@@ -78,8 +78,9 @@ def _grad_a_kernel(grad_down_ptr, x_ptr, partial_ptr, seed_ptr, M, K, rank, thre
 
 @triton.jit
 def _grad_x_kernel(grad_x_ptr, grad_down_ptr, a_ptr, seed_ptr, M, K, rank, threshold, scale,
-                   RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """grad_x = keep(grad_down @ a) * scale"""
+                   RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ACCUMULATE: tl.constexpr):  # fmt: skip
+    """grad_x = keep(grad_down @ a) * scale, or grad_x += that with ACCUMULATE"""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     first_col = tl.program_id(1) * BLOCK_K
     cols = first_col + tl.arange(0, BLOCK_K)
@@ -90,8 +91,10 @@ def _grad_x_kernel(grad_x_ptr, grad_down_ptr, a_ptr, seed_ptr, M, K, rank, thres
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < rank) & (cols[None, :] < K),
                 other=0.0)  # fmt: skip
     lora = tl.where(_keep(seed, rows, first_col, K, threshold, BLOCK_M, BLOCK_K), tl.dot(g, a) * scale, 0.0)
-    tl.store(grad_x_ptr + rows[:, None] * K + cols[None, :], lora.to(grad_x_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < K))  # fmt: skip
+    inside = (rows[:, None] < M) & (cols[None, :] < K)
+    if ACCUMULATE:
+        lora += tl.load(grad_x_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    tl.store(grad_x_ptr + rows[:, None] * K + cols[None, :], lora.to(grad_x_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -167,15 +170,16 @@ def grad_a(grad_down: torch.Tensor, x2d: torch.Tensor, p: float, seed: torch.Ten
     return partial.sum(0)[:rank].mul_(scale)
 
 
-def grad_x(grad_down: torch.Tensor, lora_a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+def grad_x(grad_down: torch.Tensor, lora_a: torch.Tensor, p: float, seed: torch.Tensor, into=None) -> torch.Tensor:
     """dropout'(grad_down @ A): the adapter branch's input gradient, masked as its input was, in grad_down's dtype.
-    Written, not added: the frozen weight's input gradient is then added into it by its own matmul (addmm_)."""
+    Written, and the frozen weight's input gradient then added into it by its own matmul (addmm_); or, with `into`
+    (a contiguous (rows, features) tensor holding that gradient already), added into it."""
     (m, rank), k = grad_down.shape, lora_a.shape[1]
-    out = torch.empty(m, k, device=grad_down.device, dtype=grad_down.dtype)
+    out = into if into is not None else torch.empty(m, k, device=grad_down.device, dtype=grad_down.dtype)
     block_m, block_k = 64, 128
     _grad_x_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
         out, grad_down.contiguous(), lora_a.contiguous(), seed, m, k, rank, *_threshold_and_scale(p),
-        RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
+        RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, ACCUMULATE=into is not None,
     )  # fmt: skip
     return out
 

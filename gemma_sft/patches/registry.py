@@ -127,6 +127,7 @@ def install(speed, training_args, model_args) -> list[TrainerCallback]:
     """Turn each entry on where its switch is true and it applies, off otherwise; returns the callback that applies
     the per-model parts when training starts."""
     fused_qlora.dropout_in_kernels = speed.lora_dropout_in_kernels
+    fused_qlora.fp8_base_matmuls = speed.fp8_base_matmuls
     offload_activations.kept_outputs_too = speed.offload_kept_outputs
     wanted = set(applying(speed, training_args, model_args))
     on_train_begin = []
