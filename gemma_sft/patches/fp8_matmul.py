@@ -10,6 +10,8 @@ rounded further, and that weight is already rounded to 4 bits. Unlike the other 
 until it has been.
 """
 
+import functools
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -18,11 +20,21 @@ _ALIGN = 16  # _scaled_mm wants the inner and output widths in multiples of 16
 
 
 def supported(device: torch.device) -> bool:
-    """FP8 matmuls exist here: CUDA compute capability 8.9 or later (Ada, Hopper, Blackwell), or torch's CPU
-    kernels."""
+    """FP8 matmuls with a scale per row exist here: CUDA compute capability 8.9 or later (Ada, Hopper, Blackwell), or
+    a torch whose CPU kernels take row scales (2.13 does, 2.11 does not)."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu"
+    return device.type == "cpu" and _cpu_takes_row_scales()
+
+
+@functools.cache
+def _cpu_takes_row_scales() -> bool:
+    ones = torch.ones(16, 16, dtype=E4M3)
+    try:
+        torch._scaled_mm(ones, ones.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def fits(x2d: torch.Tensor, weight_shape) -> bool:
