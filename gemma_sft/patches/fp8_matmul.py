@@ -42,12 +42,7 @@ def fits(x2d: torch.Tensor, weight_shape) -> bool:
     out_features, in_features = weight_shape
     # on GPUs the row-scaled kernels give bf16 only; torch's CPU kernels also give fp32 (the tests' tiny models)
     dtypes = (torch.bfloat16,) if x2d.device.type == "cuda" else (torch.bfloat16, torch.float32)
-    return (
-        x2d.dtype in dtypes
-        and out_features % _ALIGN == 0
-        and in_features % _ALIGN == 0
-        and supported(x2d.device)
-    )
+    return x2d.dtype in dtypes and out_features % _ALIGN == 0 and in_features % _ALIGN == 0 and supported(x2d.device)
 
 
 def rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
