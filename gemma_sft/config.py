@@ -120,7 +120,7 @@ class SpeedArguments:
             "help": "With fused_qlora on a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper): the "
             "frozen 4-bit weight's matmuls in FP8 (e4m3, a power-of-two scale per row of each operand), twice bf16's "
             "matmul rate; the adapter and its gradients stay in bf16. Changes the rounding, unlike the other "
-            "switches (patches/fp8_matmul.py); elsewhere bf16 as before."
+            "switches, and as built runs slower than bf16 (patches/fp8_matmul.py); elsewhere bf16 as before."
         },
     )
     keep_mlp_outputs: bool = field(

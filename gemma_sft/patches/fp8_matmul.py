@@ -6,8 +6,9 @@ row's largest magnitude lands between half and all of e4m3's range (a power-of-t
 undo), rounded to e4m3, multiplied by torch._scaled_mm, and the scales applied in its epilogue, giving bf16. The
 adapter's own matmuls, its gradients and the optimizer stay in bf16 and fp32: only the frozen weight's product is
 rounded further, and that weight is already rounded to 4 bits. Unlike the other levers this changes the arithmetic
-(about 4% relative error per product), so it is judged by held-out loss (bench/quality.py) and stays off
-until it has been.
+(about 4% relative error per product). Off: as built it is slower than bf16 (docs/PERFORMANCE.md, the switches),
+since each operand's scaling here is several element-wise passes; a gain would need the NF4 weight unpacked straight
+to e4m3 and the activations' scaling fused into the kernels that produce them.
 """
 
 import functools
