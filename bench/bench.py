@@ -96,13 +96,13 @@ SETUPS = {
         "as shipped, one packed row of 8,192 tokens per step, with PyTorch's fused AdamW (adamw_torch_fused) for "
         "bitsandbytes' paged 32-bit AdamW",
         MISSION,
-        [*ROWS_8K, "--optim", "adamw_torch_fused"],
+        [*ROWS_8K, *FUSED_ADAMW],
         None,
     ),
     "ours_fused_adamw": (
         "as shipped, with PyTorch's fused AdamW (adamw_torch_fused) for bitsandbytes' paged 32-bit AdamW",
         MISSION,
-        ["--optim", "adamw_torch_fused"],
+        FUSED_ADAMW,
         None,
     ),
     "ours_no_offload": (
@@ -130,23 +130,11 @@ SETUPS = {
         FP8,
         None,
     ),
-    "ours_fp8_adamw": (
-        "as shipped, FP8 frozen-weight matmuls and PyTorch's fused AdamW (fp8_base_matmuls true, adamw_torch_fused)",
-        MISSION,
-        [*FP8, *FUSED_ADAMW],
-        None,
-    ),
-    "ours_8k_fp8_adamw": (
-        "as shipped, one packed row of 8,192 tokens per step, FP8 frozen-weight matmuls and PyTorch's fused AdamW",
-        MISSION,
-        [*ROWS_8K, *FP8, *FUSED_ADAMW],
-        None,
-    ),
-    "low_memory_fp8_adamw_kept": (
-        "low-memory recipe, FP8 frozen-weight matmuls, PyTorch's fused AdamW, and the MLP outputs kept instead of "
-        "recomputed, held in host memory with the layer inputs (keep_mlp_outputs true, offload_kept_outputs true)",
+    "low_memory_adamw_kept": (
+        "low-memory recipe, PyTorch's fused AdamW, and the MLP outputs kept instead of recomputed, held in host "
+        "memory with the layer inputs (adamw_torch_fused, keep_mlp_outputs true, offload_kept_outputs true)",
         LOW_MEMORY,
-        [*FP8, *FUSED_ADAMW, "--keep_mlp_outputs", "true", "--offload_kept_outputs", "true"],
+        [*FUSED_ADAMW, "--keep_mlp_outputs", "true", "--offload_kept_outputs", "true"],
         None,
     ),
     "ours_compiled_block_masks": (
@@ -359,8 +347,8 @@ SETUPS = {
 UNSLOTH = {
     "unsloth": (16384, "ours"),
     "unsloth_8k": (8192, "ours_8k"),
-    "unsloth_adamw": (16384, "ours_fp8_adamw"),
-    "unsloth_8k_adamw": (8192, "ours_8k_fp8_adamw"),
+    "unsloth_adamw": (16384, "ours_fused_adamw"),
+    "unsloth_8k_adamw": (8192, "ours_8k_fused_adamw"),
 }
 
 

@@ -52,10 +52,10 @@ SETUPS = {
     "mission": ("gemma3_belle.yaml as shipped", MISSION, []),
     "low_memory": ("gemma3_belle_low_memory.yaml as shipped", LOW_MEMORY, []),
     "mission_fp8": ("gemma3_belle.yaml, the frozen weights' matmuls in FP8", MISSION, ["--fp8_base_matmuls", "true"]),
-    "mission_fp8_adamw": (
-        "gemma3_belle.yaml, FP8 frozen-weight matmuls and PyTorch's fused AdamW",
+    "mission_fused_adamw": (
+        "gemma3_belle.yaml with PyTorch's fused AdamW (the same update as bitsandbytes' paged 32-bit AdamW)",
         MISSION,
-        ["--fp8_base_matmuls", "true", "--optim", "adamw_torch_fused"],
+        ["--optim", "adamw_torch_fused"],
     ),
     "pack32k": ("one packed row of 32,768 tokens per step, lr 2e-4", MISSION, rows(32768)),
     "pack32k_lr1e-3": ("32,768 tokens per step, lr 1e-3", MISSION, [*rows(32768), "--learning_rate", "1e-3"]),
