@@ -122,10 +122,5 @@ def _fp8_here(patches: list[str]) -> tuple[bool, str]:
 
     if "fused_qlora" not in patches:
         return False, "it works inside fused_qlora, which this run does not use"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not fp8_matmul.supported(device):
-        return False, "no GPU, and this torch's CPU kernels have no FP8 matmul with row scales"
-    if not fp8_matmul.supported(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        return False, f"this GPU (compute capability {major}.{minor}) has no FP8 matmuls (8.9 or later needed)"
-    return True, ""
+    why_not = fp8_matmul.why_not(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return not why_not, why_not

@@ -18,14 +18,27 @@ import torch
 E4M3 = torch.float8_e4m3fn
 _TOP = torch.finfo(E4M3).max  # 448
 _ALIGN = 16  # _scaled_mm wants the inner and output widths in multiples of 16
+_FIRST_FP8_GPU = (8, 9)  # compute capability of the first GPUs with FP8 tensor cores (Ada)
 
 
 def supported(device: torch.device) -> bool:
-    """FP8 matmuls with a scale per row exist here: CUDA compute capability 8.9 or later (Ada, Hopper, Blackwell), or
-    a torch whose CPU kernels take row scales (2.13 does, 2.11 does not)."""
+    """FP8 matmuls with a scale per row exist here (why_not says why they do not)."""
+    return not why_not(device)
+
+
+def why_not(device: torch.device) -> str:
+    """Why FP8 matmuls with a scale per row cannot run on `device`, or "" where they can: CUDA compute capability
+    8.9 or later (Ada, Hopper, Blackwell), or a torch whose CPU kernels take row scales (2.13 does, 2.11 does not)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu" and _cpu_takes_row_scales()
+        capability = torch.cuda.get_device_capability(device)
+        if capability >= _FIRST_FP8_GPU:
+            return ""
+        return "this GPU (compute capability {}.{}) has no FP8 matmuls ({}.{} or later needed)".format(
+            *capability, *_FIRST_FP8_GPU
+        )
+    if device.type == "cpu" and not _cpu_takes_row_scales():
+        return "no GPU, and this torch's CPU kernels have no FP8 matmul with row scales"
+    return "" if device.type == "cpu" else f"no FP8 matmuls on {device.type}"
 
 
 @functools.cache
