@@ -49,6 +49,7 @@ MISSION = str(ROOT / "recipes" / "gemma3_belle.yaml")
 LOW_MEMORY = str(ROOT / "recipes" / "gemma3_belle_low_memory.yaml")
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM parts
 MISSION_ROWS, MISSION_EPOCHS = 2000, 3
+LOGGING_STEPS = 5  # the recipes' logging_steps: each log reads the loss on the host
 
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "multi_gpu.yaml")]
 FSDP = ["--config_file", str(ROOT / "accelerate_configs" / "fsdp_qlora.yaml")]
@@ -62,7 +63,8 @@ NO_DROPOUT = ["--lora_dropout", "0"]
 FAST = [*NO_DROPOUT, *GC_EVERY_2]  # a speed-first variant: no dropout, checkpointing every 2nd layer
 ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # the same tokens per optimizer step
 ROWS_8K = ["--max_length", "8192", "--pad_to_multiple_of", "8192"]  # one packed row of 8,192 tokens per step
-FP8, FUSED_ADAMW = ["--fp8_base_matmuls", "true"], ["--optim", "adamw_torch_fused"]
+FP8 = ["--fp8_base_matmuls", "true"]
+WAITING = ["--async_steps", "false", "--optim", "paged_adamw_32bit"]  # the step as it was
 ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "2"]
 
 # name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
@@ -80,6 +82,20 @@ SETUPS = {
         ROWS_8K,
         None,
     ),
+    "ours_waiting": (
+        "as shipped, with the host waiting for the GPU each step as before (async_steps false, bitsandbytes' "
+        "paged_adamw_32bit)",
+        MISSION,
+        WAITING,
+        None,
+    ),
+    "ours_8k_waiting": (
+        "as shipped, one packed row of 8,192 tokens per step, the host waiting for the GPU each step as before "
+        "(async_steps false, paged_adamw_32bit)",
+        MISSION,
+        [*ROWS_8K, *WAITING],
+        None,
+    ),
     "ours_eager": (
         "as shipped, with the decoder stack issued from Python each step (cuda_graphs false)",
         MISSION,
@@ -90,19 +106,6 @@ SETUPS = {
         "as shipped, with one packed row of 8,192 tokens per step, issued from Python each step (cuda_graphs false)",
         MISSION,
         [*ROWS_8K, "--cuda_graphs", "false"],
-        None,
-    ),
-    "ours_8k_fused_adamw": (
-        "as shipped, one packed row of 8,192 tokens per step, with PyTorch's fused AdamW (adamw_torch_fused) for "
-        "bitsandbytes' paged 32-bit AdamW",
-        MISSION,
-        [*ROWS_8K, *FUSED_ADAMW],
-        None,
-    ),
-    "ours_fused_adamw": (
-        "as shipped, with PyTorch's fused AdamW (adamw_torch_fused) for bitsandbytes' paged 32-bit AdamW",
-        MISSION,
-        FUSED_ADAMW,
         None,
     ),
     "ours_no_offload": (
@@ -128,13 +131,6 @@ SETUPS = {
         "as shipped, with the frozen weights' matmuls in FP8 (fp8_base_matmuls true)",
         MISSION,
         FP8,
-        None,
-    ),
-    "low_memory_adamw_kept": (
-        "low-memory recipe, PyTorch's fused AdamW, and the MLP outputs kept instead of recomputed, held in host "
-        "memory with the layer inputs (adamw_torch_fused, keep_mlp_outputs true, offload_kept_outputs true)",
-        LOW_MEMORY,
-        [*FUSED_ADAMW, "--keep_mlp_outputs", "true", "--offload_kept_outputs", "true"],
         None,
     ),
     "ours_compiled_block_masks": (
@@ -347,8 +343,6 @@ SETUPS = {
 UNSLOTH = {
     "unsloth": (16384, "ours"),
     "unsloth_8k": (8192, "ours_8k"),
-    "unsloth_adamw": (16384, "ours_fused_adamw"),
-    "unsloth_8k_adamw": (8192, "ours_8k_fused_adamw"),
 }
 
 
@@ -444,6 +438,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     from transformers import TrainerCallback
 
     from gemma_sft import config, data, models
+    from gemma_sft.patches import async_steps
     from gemma_sft.trainer import build_trainer
 
     started = time.time()
@@ -454,8 +449,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     parsed = config.parse(
         [recipe, *flags, "--model_name_or_path", str(checkpoint), "--dataset_name", str(data_file),
          "--output_dir", f"/tmp/bench-{name}", "--max_steps", str(steps), "--report_to", "none",
-         "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "1", "--eval_samples", "1",
-         "--overwrite_output_dir", "true"]
+         "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", str(LOGGING_STEPS),
+         "--eval_samples", "1", "--overwrite_output_dir", "true"]
     )  # fmt: skip
     training_args, model_args, resolved = parsed.training, parsed.model, parsed.resolved
     training_args.include_num_input_tokens_seen = "non_padding"
@@ -474,46 +469,56 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     gc.callbacks.append(on_collection)
 
     class Timer(TrainerCallback):
-        """Each step's time and tokens; also its time in garbage collection and the caching allocator's retries
-        (freeing its cache and synchronizing to satisfy an allocation), to explain slow steps."""
+        """The warm-up steps' times and tokens and the steady window (StepClock); for every step its time in garbage
+        collection, the caching allocator's retries (freeing its cache and synchronizing to satisfy an allocation)
+        and its new CUDA graphs, to explain slow steps. A profiled step is waited for at both ends."""
 
         def __init__(self):
-            self.times, self.tokens, self.losses, self.first_step_at = [], [], [], None
+            self.clock = StepClock(warmup, steps, self.tokens_seen)
+            self.losses, self.first_step_at, self.trainer = [], None, None
             self.gc_seconds, self.alloc_retries, self.captures = [], [], []
-            self._t0 = self._seen = self._gc = self._retries = 0
+            self._gc = self._retries = self._profile_t0 = 0
+
+        def tokens_seen(self, state) -> int:
+            async_steps.settle(self.trainer)  # figures async_steps keeps on the GPU
+            return state.num_input_tokens_seen
 
         def on_step_begin(self, args, state, control, **kwargs):
             if (profile_to and state.global_step == steps - 2) or (first_step_to and state.global_step == 0):
                 self.python_profile = cProfile.Profile()  # Python's own view of the host
                 self.python_profile.enable()
+            if profile_to and state.global_step in (steps - 2, steps - 1):
+                torch.cuda.synchronize()
+                self._profile_t0 = time.perf_counter()
             if profile_to and state.global_step == steps - 1:
                 activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
                 self.profiler.start()
-            torch.cuda.synchronize()
+            self.clock.begin(state)
             self._gc, self._retries = collecting["seconds"], torch.cuda.memory_stats().get("num_alloc_retries", 0)
-            self._t0, self._seen = time.perf_counter(), state.num_input_tokens_seen
             if self.first_step_at is None:
                 self.first_step_at = time.time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self._t0)
-            self.tokens.append(state.num_input_tokens_seen - self._seen)
+            self.clock.end(state)
             self.gc_seconds.append(round(collecting["seconds"] - self._gc, 3))
             self.alloc_retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0) - self._retries)
             self.captures.append(graph_captures(kwargs["model"]) - sum(self.captures))  # new CUDA graphs this step
+            profiled = getattr(self, "python_profile", None) is not None or getattr(self, "profiler", None) is not None
+            if profiled:
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - self._profile_t0 if self._profile_t0 else self.clock.times[-1]
             if getattr(self, "python_profile", None) is not None:
                 self.python_profile.disable()
                 if state.global_step == 1 and first_step_to:
                     path = Path(first_step_to) / f"python-first-step-{name}.txt"
                 else:
                     path = Path(profile_to) / f"python-{name}.txt"
-                write_python_profile(self.python_profile, self.times[-1], path)
+                write_python_profile(self.python_profile, seconds, path)
                 self.python_profile = None
             if getattr(self, "profiler", None) is not None:
                 self.profiler.stop()
-                write_profile(self.profiler, self.times[-1], Path(profile_to) / f"profile-{name}.txt")
+                write_profile(self.profiler, seconds, Path(profile_to) / f"profile-{name}.txt")
                 self.profiler = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -523,11 +528,12 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     timer = Timer()
     torch.cuda.reset_peak_memory_stats()  # reserved memory's peak as well
     trainer = build_trainer(training_args, model_args, prepared, tokenizer, parsed.speed, [timer])
+    timer.trainer = trainer
     trainer.train()
     processes = trainer.accelerator.num_processes
     if not trainer.is_world_process_zero():
         return {}
-    tok_s, warmup_excess, tokens_per_step = steady_figures(timer.times, timer.tokens, warmup)
+    tok_s, warmup_excess, tokens_per_step = timer.clock.steady()
     card = torch.cuda.get_device_name()
     peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in card), 989e12)
     raw = json.loads(model_config.read_text())
@@ -538,21 +544,21 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     graphs = {}
     # CUDA graphs: steps that replay run at one rate, and each new batch shape costs a capture once. A batch is padded
     # to its longest row, so a job meets at most one shape per padded row length (per batch size).
-    timed = list(zip(timer.times, timer.tokens, timer.captures))
-    replayed = [(t, n) for t, n, c in timed[warmup:] if c == 0] or [(t, n) for t, n, c in timed if c == 0]
-    if sum(timer.captures) and replayed:
-        replay_rate = sum(n for _, n in replayed) / sum(t for t, _ in replayed)
-        capture_s = statistics.mean(max(0.0, t - n / replay_rate) / c for t, n, c in timed[1:] if c) if any(
-            c for _, _, c in timed[1:]) else 0.0  # fmt: skip
+    # The steady window replays (a capture inside it would show in step_captures); the warm-up steps hold the captures.
+    times, tokens = timer.clock.times, timer.clock.tokens
+    timed = list(zip(times, tokens, timer.captures))
+    if sum(timer.captures) and times:
+        replay_rate = tok_s
+        captured = [max(0.0, t - n / replay_rate) / c for t, n, c in timed[1:] if c]
+        capture_s = statistics.mean(captured) if captured else 0.0
         multiple = training_args.pad_to_multiple_of or 1
         shapes = len({-(-len(r["input_ids"]) // multiple) for r in prepared.train})
-        first_step = timer.times[0] - timer.tokens[0] / replay_rate  # its capture and the first call's set-up
+        first_step = times[0] - tokens[0] / replay_rate  # its capture and the first call's set-up
         mission_s = (
             timer.first_step_at - started + first_step + mission_tokens / replay_rate + (shapes - 1) * capture_s
         )
         graphs = {"graph_captures": sum(timer.captures), "step_captures": timer.captures,
-                  "replayed_tokens_per_s": round(replay_rate), "capture_s": round(capture_s, 2),
-                  "mission_shapes": shapes}  # fmt: skip
+                  "capture_s": round(capture_s, 2), "mission_shapes": shapes}  # fmt: skip
     return {
         "setup": name,
         "description": SETUPS[name][0],
@@ -569,8 +575,11 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 1),
         "mfu_percent": round(100 * tok_s / processes * flops_per_token(raw) / peak, 1),
         "losses": timer.losses,
-        "step_s": [round(t, 3) for t in timer.times],
-        "step_tokens": timer.tokens,
+        "warmup_step_s": [round(t, 3) for t in times],
+        "warmup_step_tokens": tokens,
+        "steady_window_s": round(timer.clock.window_s, 3),
+        "steady_steps": steps - warmup,
+        "steady_step_s": round(timer.clock.window_s / max(1, steps - warmup), 3),
         "step_gc_s": timer.gc_seconds,
         "step_alloc_retries": timer.alloc_retries,
         "compile_s": compile_seconds(),
@@ -580,15 +589,54 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     }
 
 
-def steady_figures(times: list[float], tokens: list[int], warmup: int) -> tuple[float, float, int]:
-    """Tokens/s of the steps after the warm-up, the warm-up steps' time beyond that rate, and the median step's tokens.
+class StepClock:
+    """Each warm-up step timed on its own (the GPU waited for at both ends: compilation, captures), then the steady
+    steps as one window, waited for only at its two ends. A wait inside the window would leave the GPU idle while the
+    host prepares the next step, and hide what a real run gains when the host queues steps ahead (async_steps), so
+    the window is timed as a user's run goes: the host free, logging at the recipes' interval (LOGGING_STEPS).
+    `read_tokens(state)` gives the trained tokens so far, brought up to date (it may wait for the GPU)."""
 
-    All timed steps' tokens over their time: rows of different lengths (the last, part-filled row of each packing
-    batch) weigh as much as they take. The warm-up extra is compilation and other first-step costs."""
-    steady = list(zip(times[warmup:], tokens[warmup:])) or list(zip(times, tokens))
-    tok_s = sum(n for _, n in steady) / sum(t for t, _ in steady)
-    warmup_excess = sum(max(0.0, t - n / tok_s) for t, n in zip(times[:warmup], tokens[:warmup]))
-    return tok_s, warmup_excess, round(statistics.median(n for _, n in steady))
+    def __init__(self, warmup: int, steps: int, read_tokens):
+        self.warmup, self.steps, self.read_tokens = warmup, steps, read_tokens
+        self.times, self.tokens = [], []  # the warm-up steps'
+        self.window_s = self.window_tokens = None
+        self._t0 = self._seen = 0
+
+    def begin(self, state) -> None:
+        import torch
+
+        if state.global_step < self.warmup or (state.global_step == 0 and self.warmup == 0):
+            torch.cuda.synchronize()
+            self._t0, self._seen = time.perf_counter(), self.read_tokens(state)
+
+    def end(self, state) -> None:
+        import torch
+
+        if state.global_step <= self.warmup or state.global_step >= self.steps:
+            torch.cuda.synchronize()
+            now, seen = time.perf_counter(), self.read_tokens(state)
+            if state.global_step <= self.warmup:
+                self.times.append(now - self._t0)
+                self.tokens.append(seen - self._seen)
+                if state.global_step == self.warmup:  # the window starts here
+                    self._t0, self._seen = now, seen
+            if state.global_step >= self.steps:
+                self.window_s, self.window_tokens = now - self._t0, seen - self._seen
+
+    def steady(self) -> tuple[float, float, int]:
+        """Tokens/s of the steady window, the warm-up steps' time beyond that rate, and the tokens per steady step."""
+        return steady_figures(self.times, self.tokens, self.window_s, self.window_tokens, self.steps - self.warmup)
+
+
+def steady_figures(
+    times: list[float], tokens: list[int], window_s: float, window_tokens: int, window_steps: int
+) -> tuple[float, float, int]:
+    """Tokens/s of the steady window, the warm-up steps' time beyond that rate (compilation and other first-step
+    costs), and the mean tokens per steady step. Rows of different lengths (the last, part-filled row of each
+    packing batch) weigh as much as they take."""
+    tok_s = window_tokens / window_s
+    warmup_excess = sum(max(0.0, t - n / tok_s) for t, n in zip(times, tokens))
+    return tok_s, warmup_excess, round(window_tokens / max(1, window_steps))
 
 
 def compile_seconds() -> dict:
@@ -655,9 +703,8 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['setup']} | | failed: {r['error'][:60]} | | | | | | | | | |")
             continue
         loss = f"{r['losses'][0]} -> {r['losses'][-1]}" if r["losses"] else ""
-        replayed = f" ({r['replayed_tokens_per_s']:,} on replayed steps)" if "replayed_tokens_per_s" in r else ""
         lines.append(
-            f"| {r['setup']} | {r['processes']} | {r['tokens_per_s']:,}{replayed} | {r['tokens_per_s_per_gpu']:,} | "
+            f"| {r['setup']} | {r['processes']} | {r['tokens_per_s']:,} | {r['tokens_per_s_per_gpu']:,} | "
             f"{r['tokens_per_step']:,} | {r['startup_s']} | {r.get('warmup_excess_s', '')} | {r['peak_gib']} | "
             f"{r.get('peak_reserved_gib', '')} | {r['mfu_percent']} | {r.get('mission_wall_s', 0):,} | {loss} |"
         )

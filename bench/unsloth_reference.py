@@ -9,8 +9,8 @@ language model, LoRA dropout 0, its own gradient checkpointing and compiled kern
     python bench/bench.py --only ours unsloth --unsloth-pythonpath DIR   # both, one call, with the ratios
     python bench/unsloth_reference.py --max_length 16384 --out bench/results-unsloth.json   # this one alone
 
-Figures are computed by bench.py's own `steady_figures`: trained tokens over the time of the steps after the
-warm-up.
+Figures are timed by bench.py's own `StepClock`: trained tokens over one window of the steps after the warm-up,
+the GPU waited for only at its two ends, logging every bench.LOGGING_STEPS steps, as for ours.
 """
 
 import argparse
@@ -93,19 +93,17 @@ def main() -> int:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.tokens, self.losses, self.first_step_at = [], [], [], None
+            self.clock = bench.StepClock(args.warmup, args.steps, lambda state: state.num_input_tokens_seen)
+            self.losses, self.first_step_at = [], None
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self._t0, self._seen = time.perf_counter(), state.num_input_tokens_seen
+        def on_step_begin(self, args_, state, control, **kwargs):
+            self.clock.begin(state)
             self.first_step_at = self.first_step_at or time.time()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self._t0)
-            self.tokens.append(state.num_input_tokens_seen - self._seen)
+        def on_step_end(self, args_, state, control, **kwargs):
+            self.clock.end(state)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
+        def on_log(self, args_, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.losses.append(round(float(logs["loss"]), 4))
 
@@ -119,12 +117,12 @@ def main() -> int:
         args=SFTConfig(
             output_dir="/tmp/bench-unsloth", dataset_text_field="text", packing=True, max_length=args.max_length,
             per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=2e-4, bf16=True,
-            optim=args.optim, max_grad_norm=0.3, max_steps=args.steps, logging_steps=1, report_to="none",
-            save_strategy="no", include_num_input_tokens_seen="non_padding", seed=0,
+            optim=args.optim, max_grad_norm=0.3, max_steps=args.steps, logging_steps=bench.LOGGING_STEPS,
+            report_to="none", save_strategy="no", include_num_input_tokens_seen="non_padding", seed=0,
         ),
     )  # fmt: skip
     trainer.train()
-    tok_s, warmup_excess, tokens_per_step = bench.steady_figures(timer.times, timer.tokens, args.warmup)
+    tok_s, warmup_excess, tokens_per_step = timer.clock.steady()
     card = torch.cuda.get_device_name()
     peak = next((v for k, v in bench.DENSE_BF16_PEAK.items() if k in card), 989e12)
     flops = bench.flops_per_token(json.loads(model_config.read_text()))
@@ -148,8 +146,11 @@ def main() -> int:
             "unsloth", "unsloth_zoo", "trl", "datasets", "peft", "bitsandbytes", "transformers", "torch"
         ),
         "losses": timer.losses,
-        "step_s": [round(t, 3) for t in timer.times],
-        "step_tokens": timer.tokens,
+        "warmup_step_s": [round(t, 3) for t in timer.clock.times],
+        "warmup_step_tokens": timer.clock.tokens,
+        "steady_window_s": round(timer.clock.window_s, 3),
+        "steady_steps": args.steps - args.warmup,
+        "steady_step_s": round(timer.clock.window_s / max(1, args.steps - args.warmup), 3),
     }
     Path(args.out).write_text(json.dumps([result], indent=2) + "\n", encoding="utf-8")
     print("RESULT " + json.dumps(result), flush=True)

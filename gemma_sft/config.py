@@ -188,6 +188,14 @@ class SpeedArguments:
             "rows under flex_attention keep their block masks in place for it (gemma_sft/patches/cuda_graphs.py)."
         },
     )
+    async_steps: bool = field(
+        default=True,
+        metadata={
+            "help": "On one process: keep TRL's per-step metrics and the Trainer's token count on the GPU until a log "
+            "or checkpoint reads them, copy batches without blocking and log a NaN loss as it is, so that the host "
+            "queues the next step while the GPU works (gemma_sft/patches/async_steps.py)."
+        },
+    )
     fsdp_checkpoint_fixes: bool = field(
         default=True,
         metadata={"help": "Under FSDP: make checkpoints hold and restore the adapter and the optimizer's state."},

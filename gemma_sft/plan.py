@@ -104,6 +104,8 @@ def settle_training(training_args, model_args, speed, train_lengths, plan: Plan 
         if plan.regional_compilation:
             plan.decisions.append("torch.compile per decoder layer (regional compilation)")
     plan.patches = patches.applying(speed, training_args, model_args)
+    if "async_steps" in plan.patches:
+        _without_host_waits(training_args, plan)
     if speed.fp8_base_matmuls:
         plan.fp8_matmuls, why_not = _fp8_here(plan.patches)
         plan.decisions.append(
@@ -112,6 +114,21 @@ def settle_training(training_args, model_args, speed, train_lengths, plan: Plan 
             else f"fp8_base_matmuls: {why_not}; the frozen weights' matmuls stay in bf16"
         )
     return plan
+
+
+def _without_host_waits(training_args, plan: Plan) -> None:
+    """The TrainingArguments part of async_steps (patches/async_steps.py): no wait for the GPU between steps."""
+    import torch
+
+    if training_args.logging_nan_inf_filter:
+        training_args.logging_nan_inf_filter = False
+        plan.decisions.append(
+            "a NaN/inf loss is logged as it is, not replaced by the running mean (the filter reads every loss on the "
+            "host); the run stops on it at the next log or checkpoint"
+        )
+    if torch.cuda.is_available() and training_args.dataloader_pin_memory:
+        training_args.accelerator_config.non_blocking = True
+        plan.decisions.append("batches copied to the GPU from pinned memory without blocking the host")
 
 
 def _fp8_here(patches: list[str]) -> tuple[bool, str]:

@@ -8,13 +8,15 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from gemma_sft import UserError, outputs
+from gemma_sft.patches import async_steps
 from gemma_sft.plan import Plan, settle_training
 
 
 class GemmaSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with a FLOP count taken once: the Trainer's own walks every parameter of the model on each
-    micro-step (~60 ms for the 4-bit 4B model, host time the GPU waits for), and the count cannot change while
-    training."""
+    """TRL's SFTTrainer with a FLOP count taken once (the Trainer's own walks every parameter of the model on each
+    micro-step, ~60 ms for the 4-bit 4B model, host time the GPU waits for; the count cannot change while training),
+    and, with async_steps, its per-step figures kept on the GPU until a log or checkpoint reads them
+    (patches/async_steps.py)."""
 
     def floating_point_ops(self, inputs) -> int:
         if "input_ids" not in inputs:
@@ -22,6 +24,24 @@ class GemmaSFTTrainer(SFTTrainer):
         if not hasattr(self, "_non_embedding_parameters"):
             self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs["input_ids"].numel() * self._non_embedding_parameters
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if async_steps.handles(self, model, return_outputs):
+            return async_steps.compute_loss(self, model, inputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _track_num_input_tokens(self, inputs):
+        if async_steps.enabled and self.accelerator.num_processes == 1:
+            return async_steps.track_input_tokens(self, inputs)
+        return super()._track_num_input_tokens(inputs)
+
+    def log(self, logs, start_time=None):
+        async_steps.settle(self)
+        return super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        async_steps.settle(self)  # the token count goes into trainer_state.json
+        return super()._save_checkpoint(model, trial)
 
 
 class FreezeSetUpObjects(TrainerCallback):
@@ -38,14 +58,17 @@ class FreezeSetUpObjects(TrainerCallback):
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Stop at the first NaN/inf loss or weight, before that step's checkpoint is written."""
+    """Stop on a NaN/inf loss or LoRA weight, before a checkpoint holds it. The weights' norm is taken on the GPU
+    each step and the first step where it is not finite is kept there; the host reads it only when the step will be
+    logged, saved or evaluated, or is the last, so that the check never makes the host wait for the GPU in between."""
 
     def __init__(self):
         self.tripped_at: int | None = None
         self.what = ""
+        self._first_bad = None  # on the weights' device: the first step whose weights were not finite, or -1
 
-    def _trip(self, state, control, what):
-        self.tripped_at, self.what = state.global_step, what
+    def _trip(self, state, control, what, step=None):
+        self.tripped_at, self.what = state.global_step if step is None else step, what
         control.should_training_stop = True
         control.should_save = False
         control.should_evaluate = False
@@ -53,9 +76,19 @@ class StopOnNonFiniteLoss(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         import torch
 
-        sums = [p.detach().float().abs().sum() for p in model.parameters() if p.requires_grad]
-        if sums and not bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all()):
-            self._trip(state, control, "the LoRA weights became NaN/inf")
+        weights = [p.detach() for p in model.parameters() if p.requires_grad]
+        if weights:
+            finite = torch.isfinite(torch.nn.utils.get_total_norm(weights))
+            if self._first_bad is None:
+                self._first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
+            self._first_bad = torch.where(finite | (self._first_bad >= 0), self._first_bad, state.global_step)
+        read_now = control.should_save or control.should_log or control.should_evaluate
+        if self._first_bad is not None and (
+            read_now or control.should_training_stop or state.global_step >= state.max_steps
+        ):
+            first_bad = int(self._first_bad)
+            if first_bad >= 0:
+                self._trip(state, control, f"the LoRA weights became NaN/inf at step {first_bad}")
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

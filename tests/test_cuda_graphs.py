@@ -144,8 +144,8 @@ def graphed_stacks(model) -> list:
 @pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_multimodal_dir"])
 def test_packed_rows_under_flex_attention_replay_what_eager_steps_compute(model_fixture, request):
     """Packed rows of one shape with other packings each step: the replays read each batch's masks (refilled in
-    place), so every replay matches the eager step on that batch; the text-only model builds no masks, the multimodal
-    wrapper hands its own down (checked against ours each step)."""
+    place), so every replay matches the eager step on that batch; the text-only model builds no masks; the multimodal
+    wrapper builds its own for the first batch (checked against ours), then is handed ours (hand_down_masks)."""
     torch._dynamo.reset()  # flex_attention compiled afresh: past tests' recompilations count towards dynamo's limit
     patches.enable("fused_qlora")
     patches.enable("tuned_flex_attention")
@@ -171,6 +171,7 @@ def test_packed_rows_under_flex_attention_replay_what_eager_steps_compute(model_
                 torch.testing.assert_close(grads[name], eager_grads[name], rtol=2e-2, atol=1e-3)
     assert stack.failed is None and stack.unmatched is None
     assert len(stack.captured) == 1 and len(stack.packed_masks) == 1 and stack.replays == 7
+    assert stack.handed_down == (6 if model_fixture == "tiny_multimodal_dir" else 0)
 
 
 def test_off_a_gpu_the_wrapped_model_computes_what_it_computed(tiny_model_dir):

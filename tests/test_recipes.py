@@ -61,7 +61,8 @@ def test_mission_recipe_keeps_the_original_tool_settings():
     assert model_args.load_in_4bit and model_args.use_bnb_nested_quant and model_args.bnb_4bit_quant_type == "nf4"
     assert model_args.dtype == "bfloat16"
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (16, 32, 0.1)
-    assert args.optim.value == "paged_adamw_32bit" and args.learning_rate == 2e-4 and args.weight_decay == 0.001
+    # the original tool's paged_adamw_32bit takes the same steps (tests/test_optimizer.py)
+    assert args.optim.value == "adamw_torch_fused" and args.learning_rate == 2e-4 and args.weight_decay == 0.001
     # packed: one row of 16,384 tokens per optimizer step (the low-memory recipe's 2 x 8,192, in one pass)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_length) == (1, 1, 16384)
     assert args.packing and args.pad_to_multiple_of == args.max_length  # one shape: kernels compile once

@@ -11,6 +11,8 @@ in the registry with a switch, the version they were checked against and whether
     cuda_graphs       the decoder stack's training passes replayed as CUDA graphs (speed)
     packed_block_masks  flex_attention block masks of packed rows kept in place for the graphs
     block_masks       flex_attention block masks built in bands of query rows, without torch.compile (speed: warm-up)
+    async_steps       TRL's and the Trainer's per-step figures kept on the GPU until a log reads them (speed)
+    fp8_matmul        the frozen weights' products in FP8 inside fused_qlora (speed, off: slower as built)
     fsdp_checkpoints  FSDP checkpoints that hold the adapter and the optimizer state (fix)
 """
 

@@ -81,6 +81,7 @@ class GraphedStack:
         self.replays = 0
         self.failed = None  # the capture error, if one failed
         self.unmatched = None  # why transformers' packed masks and ours differed, if they did (then run eagerly)
+        self.handed_down = 0  # batches whose masks the multimodal body took from here (hand_down_masks)
 
     def eligible(self, input_ids, inputs_embeds, past_key_values, use_cache, kwargs) -> bool:
         x = input_ids if inputs_embeds is None else inputs_embeds
@@ -198,6 +199,8 @@ class GraphedStack:
                 return None
             self.packed_masks[tuple(position_ids.shape)] = packed
             return packed.masks
+        if given is not None and all(given.get(name) is mask for name, mask in packed.masks.items()):
+            return packed.masks  # ours, refilled for this batch by the multimodal body's hook (hand_down_masks)
         masks = packed.refill(position_ids)
         if given is not None and not all(same_layout(masks[name], given.get(name)) for name in masks):
             return None  # this batch's masks are not plain packed rows (e.g. images): the given masks, eagerly
@@ -238,9 +241,40 @@ def _log_once(message: str) -> None:
     logging.get_logger("gemma_sft").warning_once(message)
 
 
+def hand_down_masks(stack: GraphedStack):
+    """A forward pre-hook for Gemma 3's multimodal body (Gemma3Model), whose forward builds the packed rows' block
+    masks each step (and reads the GPU on the way: transformers' find_packed_sequence_indices) before handing them to
+    the text model, where GraphedStack would check them against its own, reading the GPU again. For a text-only
+    training batch whose row shape the stack has already matched against transformers' masks (packed_flex_masks),
+    the stack's masks, refilled for the batch, are handed down instead: the same masks, built once, nothing read."""
+
+    def hook(body, args, kwargs):
+        position_ids, input_ids = kwargs.get("position_ids"), kwargs.get("input_ids")
+        if (
+            args
+            or not (body.training and torch.is_grad_enabled())
+            or stack.unmatched is not None
+            or input_ids is None
+            or not input_ids.is_cuda
+            or position_ids is None
+            or any(kwargs.get(name) is not None for name in ("attention_mask", "pixel_values", "token_type_ids",
+                                                             "past_key_values", "inputs_embeds"))
+        ):  # fmt: skip
+            return None
+        position_ids = position_ids.expand(input_ids.shape[0], -1)
+        packed = stack.packed_masks.get(tuple(position_ids.shape))
+        if packed is None:
+            return None  # the first batch of this shape: transformers builds the masks and the stack checks them
+        stack.handed_down += 1
+        return args, {**kwargs, "attention_mask": dict(packed.refill(position_ids))}
+
+    return hook
+
+
 def graph_text_models(model) -> int:
-    """Route the training forward of each Gemma 3 text model inside `model` through GraphedStack; returns how many."""
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
+    """Route the training forward of each Gemma 3 text model inside `model` through GraphedStack, and let a
+    multimodal body hand the stack's packed masks down (hand_down_masks); returns how many text models."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3Model, Gemma3TextModel
 
     wrapped = 0
     for module in model.modules():
@@ -248,6 +282,12 @@ def graph_text_models(model) -> int:
             if not isinstance(module.__dict__.get("forward"), GraphedStack):
                 module.forward = GraphedStack(module)
             wrapped += 1
+    for module in model.modules():
+        if isinstance(module, Gemma3Model) and not getattr(module, "_gemma_sft_hands_down_masks", False):
+            stack = module.language_model.__dict__.get("forward")
+            if isinstance(stack, GraphedStack):
+                module.register_forward_pre_hook(hand_down_masks(stack), with_kwargs=True)
+                module._gemma_sft_hands_down_masks = True
     return wrapped
 
 

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from gemma_sft import hardware
 from gemma_sft.errors import UserError
 from gemma_sft.patches import (
+    async_steps,
     attention,
     block_masks,
     cuda_graphs,
@@ -79,6 +80,9 @@ PATCHES = [
           "transformers", "5.17.0", on_train_begin=attention.qk_norm_in_stored_layout),
     Patch("cuda_graphs", SPEED, "the forward of each Gemma3TextModel while it trains on one GPU",
           "transformers", "5.17.0", applies=cuda_graphs.applies, on_train_begin=cuda_graphs.graph_text_models),
+    Patch("async_steps", SPEED, "trl.SFTTrainer.compute_loss's metrics (training, one process) and "
+          "transformers.Trainer._track_num_input_tokens (transformers 5.17.0)", "trl", "1.16.0",
+          async_steps.install, async_steps.uninstall, async_steps.applies),
     Patch("fsdp_checkpoint_fixes", FIX,
           "peft's private _get_tuner_state_dict_key_prefixes, peft.set_peft_model_state_dict, "
           "transformers.trainer.load_fsdp_optimizer", "peft", "0.21.2",

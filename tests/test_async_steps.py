@@ -1,0 +1,192 @@
+"""async_steps (gemma_sft/patches/async_steps.py): a training step reads nothing back from the device, yet a run logs
+and saves the figures TRL and the Trainer compute when they read them every step; the non-finite guard reads its flag
+only when a step is logged, saved or evaluated, still before a checkpoint holds the damage; on a GPU, the steps
+between two logs never make the host wait (torch's sync debug mode)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
+from test_train import DEMO, train_in_process
+from transformers import TrainerCallback, TrainerControl
+
+from gemma_sft import config, data, models
+from gemma_sft.patches import async_steps
+from gemma_sft.trainer import StopOnNonFiniteLoss, build_trainer
+
+pytestmark = pytest.mark.train
+MISSION = "recipes/gemma3_belle.yaml"
+LOGGED = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
+    "num_input_tokens_seen",
+)
+
+
+class HostReads:
+    """Counts the ways Python code reads a tensor's value back (each one waits for the device on a GPU)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def tiny_trainer(tmp_path, model_dir, *flags):
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(24))
+    parsed = config.parse([DEMO, "--model_path", str(model_dir), "--data_path", str(rows), "--output_dir",
+                           str(tmp_path / "out"), *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0",
+                           "--include_num_input_tokens_seen", "true", *flags])  # fmt: skip
+    tokenizer = models.load_tokenizer(str(model_dir), parsed.training.chat_template_path)
+    prepared = data.prepare_from_settings(parsed.resolved, tokenizer)
+    return build_trainer(parsed.training, parsed.model, prepared, tokenizer, parsed.speed)
+
+
+@pytest.mark.parametrize("packing", ["true", "false"], ids=["packed", "padded"])
+def test_a_training_micro_step_reads_nothing_back_where_trl_reads_its_figures(
+    tmp_path, monkeypatch, tiny_model_dir, packing
+):
+    trainer = tiny_trainer(tmp_path, tiny_model_dir, "--packing", packing)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.train()
+    reads = HostReads(monkeypatch)
+    with torch.no_grad():
+        model(**batch, use_cache=False, fused_lm_head=True)
+    in_the_model = reads.count  # on CPU transformers reads the packed positions to build the masks (on one GPU
+    reads.count = 0  # the graphed stack builds its own, nothing read: the GPU test below)
+    assert async_steps.enabled and async_steps.handles(trainer, model, return_outputs=False)
+    ours = trainer.compute_loss(model, dict(batch))
+    trainer._track_num_input_tokens(batch)
+    assert reads.count == in_the_model
+    figures = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    async_steps.settle(trainer)  # one read for all of them
+    assert reads.count == in_the_model + 1
+    settled = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    tokens = trainer.state.num_input_tokens_seen
+
+    monkeypatch.setattr(async_steps, "enabled", False)  # TRL's own compute_loss and the Trainer's count
+    trainer._metrics["train"].clear()
+    trainer._total_train_tokens, trainer.state.num_input_tokens_seen = 0, 0
+    reads.count = 0
+    theirs = trainer.compute_loss(model, dict(batch))
+    trainer._track_num_input_tokens(batch)
+    assert reads.count >= in_the_model + 4  # the detector sees TRL's reads
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    assert all(isinstance(v, torch.Tensor) for k in ("entropy", "mean_token_accuracy") for v in figures[k])
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert settled[key] == pytest.approx(trainer._metrics["train"][key], rel=1e-6), key
+    assert tokens == trainer.state.num_input_tokens_seen > 0
+
+
+def test_what_a_run_logs_and_saves_is_what_it_logs_when_read_every_step(tmp_path, monkeypatch, tiny_model_dir):
+    """Seven steps, a log every three and a checkpoint every four: the same log entries with the figures kept on the
+    device as with TRL's reads; the checkpoint's token count counts the steps it holds; the NaN filter's read goes."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(24))
+    runs = {}
+    for value in ("true", "false"):
+        out = tmp_path / value
+        trainer = train_in_process(
+            monkeypatch,
+            [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(rows), "--output_dir", str(out),
+             *TINY_RECIPE_FLAGS, "--eval_samples", "0", "--lora_dropout", "0", "--max_steps", "7",
+             "--logging_steps", "3", "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "3",
+             "--include_num_input_tokens_seen", "true", "--async_steps", value, "--eval_report", "false"],
+        )  # fmt: skip
+        logged = [
+            {k: entry[k] for k in LOGGED if k in entry} for entry in trainer.state.log_history if "loss" in entry
+        ]
+        saved = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+        runs[value] = (logged, saved["num_input_tokens_seen"], trainer.state.num_input_tokens_seen,
+                       trainer.args.logging_nan_inf_filter)  # fmt: skip
+    (ours, ours_saved, ours_total, ours_filter), (theirs, theirs_saved, theirs_total, theirs_filter) = runs.values()
+    assert len(ours) == len(theirs) == 2 and all(set(entry) == set(LOGGED) for entry in ours)
+    for mine, reference in zip(ours, theirs):
+        assert mine["num_tokens"] == reference["num_tokens"]
+        assert mine["num_input_tokens_seen"] == reference["num_input_tokens_seen"]
+        assert mine == pytest.approx(reference, rel=1e-5)
+    assert ours_saved == theirs_saved and 0 < ours_saved < ours_total == theirs_total
+    assert (ours_filter, theirs_filter) == (False, True)
+
+
+def guard_step(guard, model, step, *, log=False, save=False, max_steps=20):
+    state = SimpleNamespace(global_step=step, max_steps=max_steps)
+    control = TrainerControl(should_log=log, should_save=save)
+    return guard.on_step_end(None, state, control, model=model)
+
+
+def test_the_guard_reads_its_flag_only_at_a_log_or_checkpoint_and_names_the_first_bad_step(monkeypatch):
+    model = torch.nn.Linear(4, 3)
+    guard = StopOnNonFiniteLoss()
+    reads = HostReads(monkeypatch)
+    for step in (1, 2):
+        assert not guard_step(guard, model, step).should_training_stop
+    with torch.no_grad():
+        model.weight[1, 2] = float("nan")
+    for step in (3, 4):
+        control = guard_step(guard, model, step)
+        assert not control.should_training_stop and guard.tripped_at is None
+    assert reads.count == 0  # four steps, nothing read back
+    control = guard_step(guard, model, 5, save=True)
+    assert reads.count == 1
+    assert control.should_training_stop and not control.should_save  # no checkpoint of NaN weights
+    assert guard.tripped_at == 5 and "at step 3" in guard.what
+
+
+def test_the_guard_reads_at_the_last_step_and_passes_finite_weights(monkeypatch):
+    model = torch.nn.Linear(4, 3)
+    guard = StopOnNonFiniteLoss()
+    assert not guard_step(guard, model, 1, log=True).should_training_stop
+    with torch.no_grad():
+        model.bias[0] = float("inf")
+    assert guard_step(guard, model, 20).should_training_stop  # the last step: read even without a log
+    assert "at step 20" in guard.what
+
+
+class NoWaitsBetweenLogs(TrainerCallback):
+    """Any operation that makes the host wait for the GPU raises between the ends of steps `first` and `last`."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last = first, last
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            torch.cuda.set_sync_debug_mode("error")
+        elif state.global_step == self.last:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for the GPU are a GPU matter")
+def test_on_a_gpu_the_mission_recipe_never_waits_for_the_gpu_between_logs(tmp_path, tiny_multimodal_dir):
+    """The mission recipe (packed rows under flex_attention, 4-bit, CUDA graphs, offloading, fused AdamW) on Gemma 3's
+    multimodal model: three whole steps, with batch loading, optimizer and guard, never wait for the GPU."""
+    torch._dynamo.reset()
+    rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(200))
+    parsed = config.parse([MISSION, "--model_name_or_path", str(tiny_multimodal_dir), "--dataset_name", str(rows),
+                           "--output_dir", str(tmp_path / "out"), "--max_length", "512", "--pad_to_multiple_of",
+                           "512", "--max_steps", "8", "--logging_steps", "100", "--save_strategy", "no",
+                           "--eval_strategy", "no", "--eval_samples", "0", "--max_samples", "0",
+                           "--report_to", "none"])  # fmt: skip
+    tokenizer = models.load_tokenizer(str(tiny_multimodal_dir), parsed.training.chat_template_path)
+    prepared = data.prepare_from_settings(parsed.resolved, tokenizer)
+    trainer = build_trainer(parsed.training, parsed.model, prepared, tokenizer, parsed.speed,
+                            [NoWaitsBetweenLogs(3, 6), StopOnNonFiniteLoss()])  # fmt: skip
+    try:
+        trainer.train()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.state.global_step == 8
+    assert trainer.args.accelerator_config.non_blocking and not trainer.args.logging_nan_inf_filter

@@ -1,0 +1,38 @@
+"""bench.py's clock: warm-up steps timed one by one, the steady steps as one window waited for only at its ends."""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parent.parent / "bench" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+sys.modules.setdefault("bench", bench)
+spec.loader.exec_module(bench)
+
+
+def test_the_steady_window_covers_the_steps_after_the_warm_up_and_waits_only_at_its_ends(monkeypatch):
+    waits, now = [], [0.0]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: waits.append(state.global_step))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    state = SimpleNamespace(global_step=0, seen=0)
+    clock = bench.StepClock(warmup=2, steps=6, read_tokens=lambda s: s.seen)
+    durations = [5.0, 2.0, 1.0, 1.0, 1.5, 0.5]  # compilation in the first step; 4 steady steps take 4 s
+    for step, seconds in enumerate(durations, start=1):
+        clock.begin(state)
+        now[0] += seconds
+        state.global_step, state.seen = step, state.seen + 1000
+        clock.end(state)
+        now[0] += 0.25  # between steps (the next batch, a log): inside the window, outside a warm-up step
+    assert waits == [0, 1, 1, 2, 6]  # each warm-up step at both ends (the second one's end starts the window), its end
+    assert clock.times == [5.0, 2.0] and clock.tokens == [1000, 1000]
+    assert clock.window_s == pytest.approx(
+        4.0 + 4 * 0.25
+    )  # four steps, each after its gap, and clock.window_tokens == 4000
+    tok_s, warmup_excess, per_step = clock.steady()
+    assert tok_s == pytest.approx(4000 / 5.0)
+    assert warmup_excess == pytest.approx(5.0 + 2.0 - 2 * 1000 / tok_s)
+    assert per_step == 1000
