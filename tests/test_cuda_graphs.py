@@ -10,7 +10,7 @@ from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
 from test_train import DEMO, losses_and_adapter, train_in_process
 
 from gemma_sft import patches
-from gemma_sft.patches import attention, cuda_graphs
+from gemma_sft.patches import async_steps, attention, cuda_graphs
 from gemma_sft.patches.packed_block_masks import PackedBlockMasks, sequence_numbers
 
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -142,13 +142,14 @@ def graphed_stacks(model) -> list:
 
 @GPU
 @pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_multimodal_dir"])
-def test_packed_rows_under_flex_attention_replay_what_eager_steps_compute(model_fixture, request):
+def test_packed_rows_under_flex_attention_replay_what_eager_steps_compute(model_fixture, request, monkeypatch):
     """Packed rows of one shape with other packings each step: the replays read each batch's masks (refilled in
     place), so every replay matches the eager step on that batch; the text-only model builds no masks; the multimodal
     wrapper builds its own for the first batch (checked against ours), then is handed ours (hand_down_masks)."""
     torch._dynamo.reset()  # flex_attention compiled afresh: past tests' recompilations count towards dynamo's limit
     patches.enable("fused_qlora")
     patches.enable("tuned_flex_attention")
+    monkeypatch.setattr(async_steps, "enabled", True)  # the multimodal body's masks handed down (hand_down_masks)
     model = tiny_lora_model(request.getfixturevalue(model_fixture), "cuda", dropout=0.3, four_bit=True,
                              attention="flex_attention")  # fmt: skip
     torch.manual_seed(4)

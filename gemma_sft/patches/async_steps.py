@@ -10,7 +10,10 @@ Here, on one process, those figures stay on the GPU, are summed there, and are r
 logs or saves a checkpoint (`settle`). The rest of what this switch turns on is TrainingArguments, set by the plan
 (plan.py): batches are copied to the GPU without blocking (accelerate's non_blocking, from pinned memory), and the NaN
 filter of the logged loss is off, so a non-finite loss shows in the log and trainer.StopOnNonFiniteLoss stops the run
-at the next log or checkpoint, before the checkpoint is written. The figures and the training are the same.
+at the next log or checkpoint, before the checkpoint is written. On Gemma 3's multimodal model, whose body builds the
+packed block masks each step (reading the positions back) for cuda_graphs to compare with its own (reading again),
+the body is handed the graphed stack's masks instead (cuda_graphs.hand_down_masks). The figures and the training are
+the same.
 """
 
 import os

@@ -19,6 +19,7 @@ import os
 import torch
 
 from gemma_sft import UserError
+from gemma_sft.patches import async_steps
 from gemma_sft.patches.packed_block_masks import PackedBlockMasks, same_layout
 
 MAX_GRAPHS = 64  # batch shapes captured per model; later new shapes run eagerly
@@ -252,6 +253,7 @@ def hand_down_masks(stack: GraphedStack):
         position_ids, input_ids = kwargs.get("position_ids"), kwargs.get("input_ids")
         if (
             args
+            or not async_steps.enabled  # part of that switch: it takes the host's reads out of a step
             or not (body.training and torch.is_grad_enabled())
             or stack.unmatched is not None
             or input_ids is None
