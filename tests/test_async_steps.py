@@ -157,22 +157,43 @@ def test_the_guard_reads_at_the_last_step_and_passes_finite_weights(monkeypatch)
 
 
 class NoWaitsBetweenLogs(TrainerCallback):
-    """Any operation that makes the host wait for the GPU raises between the ends of steps `first` and `last`."""
+    """Between the ends of steps `first` and `last`, any operation that makes the host wait for the GPU raises, except
+    the one TRL's fused output head makes on purpose: it keeps only the supervised positions (`hidden_states[mask]`,
+    whose size the host must know), allowed from its `_use_triton` check to its `_ChunkedLogProbFunction.apply`."""
 
-    def __init__(self, first: int, last: int):
-        self.first, self.last = first, last
+    def __init__(self, monkeypatch, first: int, last: int):
+        from trl.trainer import utils
+
+        self.first, self.last, self.watching, self.compactions = first, last, False, 0
+        use_triton, head = utils._use_triton, utils._ChunkedLogProbFunction  # the head: ours (output_head.py)
+
+        def compacting(device):
+            if self.watching:
+                torch.cuda.set_sync_debug_mode("default")
+                self.compactions += 1
+            return use_triton(device)
+
+        class WatchedHead:
+            @staticmethod
+            def apply(*args):
+                if self.watching:
+                    torch.cuda.set_sync_debug_mode("error")
+                return head.apply(*args)
+
+        monkeypatch.setattr(utils, "_use_triton", compacting)
+        monkeypatch.setattr(utils, "_ChunkedLogProbFunction", WatchedHead)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.first:
-            torch.cuda.set_sync_debug_mode("error")
-        elif state.global_step == self.last:
-            torch.cuda.set_sync_debug_mode("default")
+        if state.global_step in (self.first, self.last):
+            self.watching = state.global_step == self.first
+            torch.cuda.set_sync_debug_mode("error" if self.watching else "default")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for the GPU are a GPU matter")
-def test_on_a_gpu_the_mission_recipe_never_waits_for_the_gpu_between_logs(tmp_path, tiny_multimodal_dir):
+def test_on_a_gpu_the_mission_recipe_never_waits_for_the_gpu_between_logs(tmp_path, monkeypatch, tiny_multimodal_dir):
     """The mission recipe (packed rows under flex_attention, 4-bit, CUDA graphs, offloading, fused AdamW) on Gemma 3's
-    multimodal model: three whole steps, with batch loading, optimizer and guard, never wait for the GPU."""
+    multimodal model: three whole steps, with batch loading, optimizer and guard, wait for the GPU only where TRL's
+    fused head keeps the supervised positions, once per step."""
     torch._dynamo.reset()
     rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(200))
     parsed = config.parse([MISSION, "--model_name_or_path", str(tiny_multimodal_dir), "--dataset_name", str(rows),
@@ -182,11 +203,13 @@ def test_on_a_gpu_the_mission_recipe_never_waits_for_the_gpu_between_logs(tmp_pa
                            "--report_to", "none"])  # fmt: skip
     tokenizer = models.load_tokenizer(str(tiny_multimodal_dir), parsed.training.chat_template_path)
     prepared = data.prepare_from_settings(parsed.resolved, tokenizer)
-    trainer = build_trainer(parsed.training, parsed.model, prepared, tokenizer, parsed.speed,
-                            [NoWaitsBetweenLogs(3, 6), StopOnNonFiniteLoss()])  # fmt: skip
+    guard = StopOnNonFiniteLoss()
+    trainer = build_trainer(parsed.training, parsed.model, prepared, tokenizer, parsed.speed, [guard])
+    watch = NoWaitsBetweenLogs(monkeypatch, 3, 6)  # after build_trainer: the head it watches is the installed one
+    trainer.add_callback(watch)
     try:
         trainer.train()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert trainer.state.global_step == 8
+    assert trainer.state.global_step == 8 and watch.compactions == 3
     assert trainer.args.accelerator_config.non_blocking and not trainer.args.logging_nan_inf_filter

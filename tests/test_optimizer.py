@@ -27,7 +27,8 @@ def test_fused_adamw_takes_the_paged_32bit_adamw_steps(device):
     fused, paged = optimizer_for("adamw_torch_fused", ours), optimizer_for("paged_adamw_32bit", theirs)
     assert type(fused).__name__ == "AdamW" and fused.defaults["fused"]
     assert type(paged).__module__.startswith("bitsandbytes")
-    for _ in range(20):
+    steps = 20
+    for _ in range(steps):
         grads = [torch.randn(p.shape, generator=generator).to(device) for p in start]
         for p, q, g in zip(ours, theirs, grads):
             p.grad, q.grad = g.clone(), g.clone()
@@ -35,5 +36,8 @@ def test_fused_adamw_takes_the_paged_32bit_adamw_steps(device):
         paged.step()
     for p, q, p0 in zip(ours, theirs, start):
         moved = (q.detach().cpu() - p0).abs().max()
-        assert moved > 1e-3  # 20 steps of lr 2e-4 moved the weights ...
-        assert (p.detach() - q.detach()).abs().max().cpu() < 1e-4 * moved  # ... and both optimizers alike
+        # fp32 rounding of the weights themselves, a few units in the last place per step: the two optimizers' kernels
+        # order their arithmetic differently, and the weights (~1) are far larger than one step (~lr)
+        rounding = steps * 4 * torch.finfo(torch.float32).eps * p0.abs().max()
+        assert moved > 1e-3 and rounding < 0.02 * moved  # 20 steps of lr 2e-4 moved the weights ...
+        assert (p.detach() - q.detach()).abs().max().cpu() < rounding  # ... and both optimizers alike
