@@ -15,8 +15,9 @@ packages on PYTHONPATH instead of ours (--unsloth-pythonpath, e.g. a `pip instal
 checkpoint, rows and tokens per step as `ours` (16,384) and `ours_8k` (8,192); a second table gives ours over Unsloth
 for each pair, and the results go to bench/results/DATE-CARD-ours-vs-unsloth.json.
 
-Figures: trained tokens/s is the real tokens of the steps after the warm-up steps over their time (padding that
-makes every packed row one shape costs time and counts no tokens); start-up is model load plus everything
+Figures: trained tokens/s is the real tokens of the steps after the warm-up steps over their time, timed as one window
+waited for only at its ends, logging every 5 steps as the recipes do (StepClock; padding that makes every packed row
+one shape costs time and counts no tokens); start-up is model load plus everything
 before the first step; warm-up extra is the time the warm-up steps took beyond their tokens at the steady rate
 (compilation, autotuning); MFU counts 4 FLOPs per trained token per weight of the language model's linear layers
 and its 262k-vocabulary head (forward + input-gradient backward; LoRA's own weight gradients, attention scores and
