@@ -67,8 +67,8 @@ class StopOnNonFiniteLoss(TrainerCallback):
         self.what = ""
         self._first_bad = None  # on the weights' device: the first step whose weights were not finite, or -1
 
-    def _trip(self, state, control, what, step=None):
-        self.tripped_at, self.what = state.global_step if step is None else step, what
+    def _trip(self, state, control, what):
+        self.tripped_at, self.what = state.global_step, what
         control.should_training_stop = True
         control.should_save = False
         control.should_evaluate = False

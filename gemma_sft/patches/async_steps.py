@@ -113,7 +113,5 @@ def settle(trainer) -> None:
                 holder[i] = number
             else:
                 setattr(trainer, i, number)
-    if isinstance(trainer._metrics["train"].get("num_tokens"), list):
-        trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
     trainer.state.num_input_tokens_seen += getattr(trainer, "_input_tokens_pending", 0)
     trainer._input_tokens_pending = 0
