@@ -25,9 +25,20 @@ class GemmaSFTTrainer(SFTTrainer):
             self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs["input_ids"].numel() * self._non_embedding_parameters
 
+    def get_train_dataloader(self):
+        if not async_steps.enabled:
+            return super().get_train_dataloader()
+        collate = self.data_collator
+        self.data_collator = async_steps.WithSupervisedPositions(collate)  # training batches only
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collate
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        positions = inputs.pop(async_steps.POSITIONS, None)
         if async_steps.handles(self, model, return_outputs):
-            return async_steps.compute_loss(self, model, inputs, num_items_in_batch)
+            return async_steps.compute_loss(self, model, inputs, num_items_in_batch, positions)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _track_num_input_tokens(self, inputs):

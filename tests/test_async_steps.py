@@ -13,7 +13,7 @@ from test_train import DEMO, train_in_process
 from transformers import TrainerCallback, TrainerControl
 
 from gemma_sft import config, data, models
-from gemma_sft.patches import async_steps
+from gemma_sft.patches import async_steps, output_head
 from gemma_sft.trainer import StopOnNonFiniteLoss, build_trainer
 
 pytestmark = pytest.mark.train
@@ -65,7 +65,7 @@ def test_a_training_micro_step_reads_nothing_back_where_trl_reads_its_figures(
     model = trainer.model.train()
     reads = HostReads(monkeypatch)
     with torch.no_grad():
-        model(**batch, use_cache=False, fused_lm_head=True)
+        model(**{k: v for k, v in batch.items() if k != async_steps.POSITIONS}, use_cache=False, fused_lm_head=True)
     in_the_model = reads.count  # on CPU transformers reads the packed positions to build the masks (on one GPU
     reads.count = 0  # the graphed stack builds its own, nothing read: the GPU test below)
     assert async_steps.enabled and async_steps.handles(trainer, model, return_outputs=False)
@@ -90,6 +90,78 @@ def test_a_training_micro_step_reads_nothing_back_where_trl_reads_its_figures(
     for key in ("entropy", "mean_token_accuracy", "num_tokens"):
         assert settled[key] == pytest.approx(trainer._metrics["train"][key], rel=1e-6), key
     assert tokens == trainer.state.num_input_tokens_seen > 0
+
+
+class MaskIndexing:
+    """Counts indexing by a boolean mask (`hidden_states[mask]`: on a GPU the host waits for the result's size)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = torch.Tensor.__getitem__
+
+        def counted(tensor, index):
+            self.count += isinstance(index, torch.Tensor) and index.dtype == torch.bool
+            return original(tensor, index)
+
+        monkeypatch.setattr(torch.Tensor, "__getitem__", counted)
+
+
+def loss_figures_and_gradients(trainer, model, batch):
+    trainer._metrics["train"].clear()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    async_steps.settle(trainer)
+    figures = {k: trainer._metrics["train"][k][-1] for k in ("entropy", "mean_token_accuracy")}
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), figures, gradients
+
+
+@pytest.mark.parametrize("packing", ["true", "false"], ids=["packed", "padded"])
+def test_the_head_keeps_the_positions_counted_on_the_host_where_trl_would_count_them_on_the_device(
+    tmp_path, monkeypatch, tiny_model_dir, packing
+):
+    """Training batches carry the flat indices of their supervised positions (labels shifted as the head scores
+    them); where TRL would keep those positions by a boolean mask on the device (its test made true, as on a GPU),
+    the step uses the host's and never indexes by a mask: the same loss, figures and LoRA gradients."""
+    trainer = tiny_trainer(tmp_path, tiny_model_dir, "--packing", packing)
+    collate = trainer.data_collator
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert trainer.data_collator is collate  # evaluation batches come without them
+    supervised = batch["labels"][:, 1:] != -100
+    assert torch.equal(batch[async_steps.POSITIONS], supervised.reshape(-1).nonzero().squeeze(1))
+    assert 0 < batch[async_steps.POSITIONS].numel() < supervised.numel()
+
+    monkeypatch.setattr(output_head, "_trl_use_triton", lambda device: True)
+    base = trainer.model.get_base_model()
+    fused_forward, seen = base.forward, []
+    monkeypatch.setattr(base, "forward", lambda *a, **kw: seen.append(set(kw)) or fused_forward(*a, **kw))
+    model = trainer.model.train()
+    indexing = MaskIndexing(monkeypatch)
+    ours = loss_figures_and_gradients(trainer, model, batch)
+    assert indexing.count == 0 and seen and all(async_steps.POSITIONS not in keys for keys in seen)
+    monkeypatch.setattr(async_steps, "enabled", False)
+    theirs = loss_figures_and_gradients(trainer, model, batch)
+    assert indexing.count >= 2  # TRL's hidden_states[mask] and labels[mask]
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-6)
+    assert ours[1] == pytest.approx(theirs[1], rel=1e-6)
+    assert ours[2].keys() == theirs[2].keys() and len(ours[2]) > 10
+    for name, gradient in ours[2].items():
+        torch.testing.assert_close(gradient, theirs[2][name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_positions_that_disagree_with_the_labels_stop_the_run_at_the_next_log(tmp_path, tiny_model_dir):
+    trainer = tiny_trainer(tmp_path, tiny_model_dir)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.train()
+    trainer.compute_loss(model, dict(batch))
+    async_steps.settle(trainer)  # the batch's own positions: nothing to say
+    wrong = dict(batch)
+    wrong[async_steps.POSITIONS] = batch[async_steps.POSITIONS][:-1]  # one supervised position left out
+    trainer.state.global_step = 6
+    trainer.compute_loss(model, wrong)
+    with pytest.raises(RuntimeError, match=r"differ from its labels .*step 6 or before.*--async_steps false"):
+        async_steps.settle(trainer)
 
 
 def test_what_a_run_logs_and_saves_is_what_it_logs_when_read_every_step(tmp_path, monkeypatch, tiny_model_dir):
@@ -157,31 +229,18 @@ def test_the_guard_reads_at_the_last_step_and_passes_finite_weights(monkeypatch)
 
 
 class NoWaitsBetweenLogs(TrainerCallback):
-    """Between the ends of steps `first` and `last`, any operation that makes the host wait for the GPU raises, except
-    the one TRL's fused output head makes on purpose: it keeps only the supervised positions (`hidden_states[mask]`,
-    whose size the host must know), allowed from its `_use_triton` check to its `_ChunkedLogProbFunction.apply`."""
+    """Between the ends of steps `first` and `last`, any operation that makes the host wait for the GPU raises; counts
+    the micro-steps whose head was handed the supervised positions counted on the host."""
 
     def __init__(self, monkeypatch, first: int, last: int):
-        from trl.trainer import utils
+        self.first, self.last, self.watching, self.positions_handed = first, last, False, 0
+        scoring_positions = output_head.scoring_positions
 
-        self.first, self.last, self.watching, self.compactions = first, last, False, 0
-        use_triton, head = utils._use_triton, utils._ChunkedLogProbFunction  # the head: ours (output_head.py)
+        def counted(positions):
+            self.positions_handed += self.watching
+            return scoring_positions(positions)
 
-        def compacting(device):
-            if self.watching:
-                torch.cuda.set_sync_debug_mode("default")
-                self.compactions += 1
-            return use_triton(device)
-
-        class WatchedHead:
-            @staticmethod
-            def apply(*args):
-                if self.watching:
-                    torch.cuda.set_sync_debug_mode("error")
-                return head.apply(*args)
-
-        monkeypatch.setattr(utils, "_use_triton", compacting)
-        monkeypatch.setattr(utils, "_ChunkedLogProbFunction", WatchedHead)
+        monkeypatch.setattr(output_head, "scoring_positions", counted)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in (self.first, self.last):
@@ -192,8 +251,8 @@ class NoWaitsBetweenLogs(TrainerCallback):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for the GPU are a GPU matter")
 def test_on_a_gpu_the_mission_recipe_never_waits_for_the_gpu_between_logs(tmp_path, monkeypatch, tiny_multimodal_dir):
     """The mission recipe (packed rows under flex_attention, 4-bit, CUDA graphs, offloading, fused AdamW) on Gemma 3's
-    multimodal model: three whole steps, with batch loading, optimizer and guard, wait for the GPU only where TRL's
-    fused head keeps the supervised positions, once per step."""
+    multimodal model: three whole steps, with batch loading, the output head, the optimizer and the guard, never wait
+    for the GPU."""
     torch._dynamo.reset()
     rows = write_jsonl(tmp_path / "rows.jsonl", belle_rows(200))
     parsed = config.parse([MISSION, "--model_name_or_path", str(tiny_multimodal_dir), "--dataset_name", str(rows),
@@ -205,11 +264,11 @@ def test_on_a_gpu_the_mission_recipe_never_waits_for_the_gpu_between_logs(tmp_pa
     prepared = data.prepare_from_settings(parsed.resolved, tokenizer)
     guard = StopOnNonFiniteLoss()
     trainer = build_trainer(parsed.training, parsed.model, prepared, tokenizer, parsed.speed, [guard])
-    watch = NoWaitsBetweenLogs(monkeypatch, 3, 6)  # after build_trainer: the head it watches is the installed one
+    watch = NoWaitsBetweenLogs(monkeypatch, 3, 6)
     trainer.add_callback(watch)
     try:
         trainer.train()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert trainer.state.global_step == 8 and watch.compactions == 3
+    assert trainer.state.global_step == 8 and watch.positions_handed == 3
     assert trainer.args.accelerator_config.non_blocking and not trainer.args.logging_nan_inf_filter

@@ -134,6 +134,33 @@ def test_without_gradients_nothing_is_kept_for_a_backward_pass(backend):
     torch.testing.assert_close(log_probs.double(), reference.detach(), atol=0.1, rtol=0.02)
 
 
+@pytest.mark.parametrize("supervised", [[0, 3, 4, 9, 30, 31], []], ids=["some", "none"])
+def test_positions_known_on_the_host_give_what_trls_compaction_gives(backend, supervised):
+    """TRL hands every position (its labels clamped) while the supervised ones are given: the head scores those, as
+    TRL's boolean compaction would hand them, and gives the others zero; the hidden gradient is the same."""
+    device, dtype, _ = backend
+    hidden, weight, labels = random_head(32, 700, 64, device, dtype, seed=5)
+    positions = torch.tensor(supervised, dtype=torch.long, device=device)
+    mask = torch.zeros(32, dtype=torch.bool, device=device).index_fill_(0, positions, True)
+    per_token = torch.rand(32, generator=torch.Generator().manual_seed(1)).to(device)
+    compacted = output_head.LogProbsWithForwardGradient.apply(hidden[mask], weight, None, labels[mask], 1.0, 1024,
+                                                              None, 1.0, ALL_OUTPUTS)  # fmt: skip
+    theirs = [None if x is None else x.new_zeros(32).masked_scatter(mask, x) for x in compacted]  # as TRL does
+    with output_head.scoring_positions(positions):
+        ours = output_head.LogProbsWithForwardGradient.apply(hidden, weight, None, labels, 1.0, 1024, None, 1.0,
+                                                             ALL_OUTPUTS)  # fmt: skip
+    assert output_head._positions is None
+    for mine, reference in zip(ours, theirs):
+        assert (mine is None) == (reference is None)
+        if mine is not None:
+            assert mine.dtype == reference.dtype and torch.equal(mine, reference)
+            assert not mine[~mask].any()
+    (our_grad,) = torch.autograd.grad((ours[0] * per_token).sum(), hidden)
+    (their_grad,) = torch.autograd.grad((theirs[0] * per_token).sum(), hidden)
+    assert torch.equal(our_grad, their_grad) and (our_grad[mask].abs().sum() > 0) == bool(supervised)
+    assert not our_grad[~mask].any()
+
+
 def test_kernel_under_triton_interpreter():
     if torch.cuda.is_available() or INTERPRETED:
         pytest.skip("the kernel runs compiled on this GPU / this is the interpreted run")
@@ -143,7 +170,7 @@ def test_kernel_under_triton_interpreter():
                __file__]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "12 passed, 1 skipped" in result.stdout, result.stdout[-500:]  # skipped: this launcher
+    assert "14 passed, 1 skipped" in result.stdout, result.stdout[-500:]  # skipped: this launcher
 
 
 def test_trl_fused_head_gives_the_same_loss_and_gradients_through_it(monkeypatch, tiny_model_dir):

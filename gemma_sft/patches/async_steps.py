@@ -12,15 +12,36 @@ logs or saves a checkpoint (`settle`). The rest of what this switch turns on is 
 filter of the logged loss is off, so a non-finite loss shows in the log and trainer.StopOnNonFiniteLoss stops the run
 at the next log or checkpoint, before the checkpoint is written. On Gemma 3's multimodal model, whose body builds the
 packed block masks each step (reading the positions back) for cuda_graphs to compare with its own (reading again),
-the body is handed the graphed stack's masks instead (cuda_graphs.hand_down_masks). The figures and the training are
-the same.
+the body is handed the graphed stack's masks instead (cuda_graphs.hand_down_masks). TRL's fused head keeps only the
+supervised positions, which the host would wait to count; the training batches carry them, counted on the host when
+the batch is built (`WithSupervisedPositions`), and the head is handed them (output_head.scoring_positions; with
+TRL's own head the wait stays). Each step checks on the GPU that they match its labels, and `settle` stops the run
+if one did not. The figures and the training are the same.
 """
 
 import os
 
 import torch
 
+from gemma_sft.patches import output_head
+
 enabled = False
+POSITIONS = "supervised_positions"  # the batch key the positions travel under, removed before the model sees the batch
+
+
+class WithSupervisedPositions:
+    """A collator's batches with the flat indices of their supervised positions (labels shifted by one, as TRL's fused
+    head scores them) added, counted on the host."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and "shift_labels" not in batch:
+            batch[POSITIONS] = (labels[:, 1:] != -100).reshape(-1).nonzero().squeeze(1)
+        return batch
 
 
 def install() -> None:
@@ -53,10 +74,18 @@ def handles(trainer, model, return_outputs: bool) -> bool:
     )
 
 
-def compute_loss(trainer, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-    """TRL 1.16's SFTTrainer.compute_loss for one training micro-step on one process, its metrics left on the GPU."""
+def compute_loss(trainer, model, inputs: dict, num_items_in_batch=None, positions=None) -> torch.Tensor:
+    """TRL 1.16's SFTTrainer.compute_loss for one training micro-step on one process, its metrics left on the GPU;
+    `positions`, where the batch brought them, spare the head its count."""
     inputs["use_cache"] = False
-    outputs = model(**inputs, fused_lm_head=True)
+    if positions is not None and output_head.installed():
+        with output_head.scoring_positions(positions):
+            outputs = model(**inputs, fused_lm_head=True)
+        labelled = outputs.label_mask.reshape(-1)
+        differs = (torch.zeros_like(labelled).index_fill_(0, positions, True) != labelled).any()
+        trainer._positions_differ = differs | getattr(trainer, "_positions_differ", False)
+    else:
+        outputs = model(**inputs, fused_lm_head=True)
     per_token_loss = -outputs.log_probs  # zero on ignored positions
     if trainer.args.loss_type == "dft":
         per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
@@ -101,7 +130,7 @@ def settle(trainer) -> None:
     places = []  # (list or None, index or attribute name)
     for values in trainer._metrics["train"].values():
         places += [(values, i) for i, value in enumerate(values) if isinstance(value, torch.Tensor)]
-    for name in ("_total_train_tokens", "_input_tokens_pending"):
+    for name in ("_total_train_tokens", "_input_tokens_pending", "_positions_differ"):
         if isinstance(getattr(trainer, name, None), torch.Tensor):
             places.append((None, name))
     if places:
@@ -115,3 +144,9 @@ def settle(trainer) -> None:
                 setattr(trainer, i, number)
     trainer.state.num_input_tokens_seen += getattr(trainer, "_input_tokens_pending", 0)
     trainer._input_tokens_pending = 0
+    if getattr(trainer, "_positions_differ", False):
+        raise RuntimeError(
+            f"async_steps: a batch's supervised positions, counted when it was built, differ from its labels on the "
+            f"device (step {trainer.state.global_step} or before): its loss is wrong; train with --async_steps false"
+        )
+    trainer._positions_differ = False

@@ -14,8 +14,14 @@ dtype, gradients summed in fp32, as TRL does).
 
 Covers what SFT asks of the head: log-probabilities (with gradient), entropy and top-1 (metrics, no gradient), a
 frozen output embedding. Any other request goes to TRL's own function.
+
+TRL keeps only the supervised positions before the head (`hidden_states[mask]`), and the host waits for the GPU to
+count them. Where the host already knows them (async_steps counts them when the batch is built), a training step
+passes them in `scoring_positions`: TRL hands the head every position (its path for devices without Triton) and the
+head keeps those, so nothing waits.
 """
 
+import contextlib
 import os
 
 import torch
@@ -160,11 +166,47 @@ class _LogProbsWithForwardGradient(torch.autograd.Function):
         return (grad_hidden, *(None,) * 7)
 
 
+_positions = None  # the flat indices of the supervised positions, set by `scoring_positions`
+_trl_use_triton = None  # TRL's own test of whether to keep only the supervised positions
+
+
+@contextlib.contextmanager
+def scoring_positions(positions: torch.Tensor):
+    """Within: TRL's fused head scores `positions` (flat indices into the shifted labels, on the model's device) and
+    gives the others zero, without reading how many there are."""
+    global _positions
+    _positions = positions
+    try:
+        yield
+    finally:
+        _positions = None
+
+
+def _compacts_on_device(device) -> bool:
+    """Stands in for TRL's `_use_triton` where the fused head reads it: no compaction of its own while the positions
+    are known."""
+    return _positions is None and _trl_use_triton(device)
+
+
 class LogProbsWithForwardGradient:
     """Stands in for `trl.kernels.ChunkedLogProbFunction` in TRL's fused LM head (same call, same outputs)."""
 
     @staticmethod
     def apply(hidden, weight, bias, labels, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=()):
+        positions = _positions
+        if positions is None:
+            return LogProbsWithForwardGradient._scored(
+                hidden, weight, bias, labels, temperature, chunk_size, softcap, logit_scale, outputs
+            )
+        kept = LogProbsWithForwardGradient._scored(
+            hidden.index_select(0, positions), weight, bias, labels.index_select(0, positions), temperature,
+            chunk_size, softcap, logit_scale, outputs,
+        )  # fmt: skip
+        every = hidden.size(0)
+        return tuple(None if x is None else x.new_zeros(every).index_copy(0, positions, x) for x in kept)
+
+    @staticmethod
+    def _scored(hidden, weight, bias, labels, temperature, chunk_size, softcap, logit_scale, outputs):
         grad_enabled = torch.is_grad_enabled()
         trains_head = grad_enabled and (weight.requires_grad or (bias is not None and bias.requires_grad))
         if trains_head or not set(outputs) <= COVERED_OUTPUTS:
@@ -180,10 +222,20 @@ class LogProbsWithForwardGradient:
 
 # Putting it in place (gemma_sft/patches/registry.py turns it on and off)
 def install() -> None:
+    global _trl_use_triton
     import trl.trainer.utils as trl_utils
 
     trl_utils.__dict__["_ChunkedLogProbFunction"]  # a KeyError if TRL renamed it
+    if _trl_use_triton is None:
+        _trl_use_triton = trl_utils.__dict__["_use_triton"]
     trl_utils._ChunkedLogProbFunction = LogProbsWithForwardGradient
+    trl_utils._use_triton = _compacts_on_device
+
+
+def installed() -> bool:
+    import trl.trainer.utils as trl_utils
+
+    return trl_utils._ChunkedLogProbFunction is LogProbsWithForwardGradient
 
 
 def uninstall() -> None:
@@ -192,3 +244,5 @@ def uninstall() -> None:
 
     if "_ChunkedLogProbFunction" in trl_utils.__dict__:
         trl_utils._ChunkedLogProbFunction = ChunkedLogProbFunction
+    if _trl_use_triton is not None:
+        trl_utils._use_triton = _trl_use_triton

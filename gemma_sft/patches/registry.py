@@ -68,7 +68,7 @@ PATCHES = [
     Patch("offload_activations", SPEED, "the decoder layers' private _gradient_checkpointing_func (its saved input)",
           "transformers", "5.17.0", applies=offload_activations.applies,
           on_train_begin=offload_activations.offload_layer_inputs),
-    Patch("fused_output_head", SPEED, "trl.trainer.utils._ChunkedLogProbFunction", "trl", "1.16.0",
+    Patch("fused_output_head", SPEED, "trl.trainer.utils._ChunkedLogProbFunction and _use_triton", "trl", "1.16.0",
           output_head.install, output_head.uninstall),
     Patch("pack_in_one_pass", SPEED, "trl.trainer.sft_trainer.pack_dataset", "trl", "1.16.0",
           packing.install, packing.uninstall, lambda speed, args, model_args: bool(args.packing)),
