@@ -192,8 +192,9 @@ class SpeedArguments:
         default=True,
         metadata={
             "help": "On one process: keep TRL's per-step metrics and the Trainer's token count on the GPU until a log "
-            "or checkpoint reads them, copy batches without blocking and log a NaN loss as it is, so that the host "
-            "queues the next step while the GPU works (gemma_sft/patches/async_steps.py)."
+            "or checkpoint reads them, count the supervised positions when the batch is built (for the fused output "
+            "head), copy batches without blocking and log a NaN loss as it is, so that the host queues the next step "
+            "while the GPU works (gemma_sft/patches/async_steps.py)."
         },
     )
     fsdp_checkpoint_fixes: bool = field(
