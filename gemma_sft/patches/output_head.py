@@ -167,7 +167,7 @@ class _LogProbsWithForwardGradient(torch.autograd.Function):
 
 
 _positions = None  # the flat indices of the supervised positions, set by `scoring_positions`
-_trl_use_triton = None  # TRL's own test of whether to keep only the supervised positions
+_trl_use_triton = None  # TRL's own test of whether to keep only the supervised positions, set by `install`
 
 
 @contextlib.contextmanager
@@ -224,10 +224,11 @@ class LogProbsWithForwardGradient:
 def install() -> None:
     global _trl_use_triton
     import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton
 
     trl_utils.__dict__["_ChunkedLogProbFunction"]  # a KeyError if TRL renamed it
-    if _trl_use_triton is None:
-        _trl_use_triton = trl_utils.__dict__["_use_triton"]
+    trl_utils.__dict__["_use_triton"]
+    _trl_use_triton = _use_triton  # TRL's own, not whatever trl_utils holds now (ours, once installed)
     trl_utils._ChunkedLogProbFunction = LogProbsWithForwardGradient
     trl_utils._use_triton = _compacts_on_device
 
@@ -244,5 +245,7 @@ def uninstall() -> None:
 
     if "_ChunkedLogProbFunction" in trl_utils.__dict__:
         trl_utils._ChunkedLogProbFunction = ChunkedLogProbFunction
-    if _trl_use_triton is not None:
-        trl_utils._use_triton = _trl_use_triton
+    if trl_utils.__dict__.get("_use_triton") is _compacts_on_device:
+        from trl.kernels.chunked_logprob import _use_triton
+
+        trl_utils._use_triton = _use_triton
