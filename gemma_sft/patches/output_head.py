@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from trl.kernels import ChunkedLogProbFunction
+from trl.kernels.chunked_logprob import _use_triton as _trl_use_triton  # TRL's test: keep only supervised positions?
 
 TILE_BYTES = 1 << 30  # one token chunk's logits over the vocabulary: 2,048 tokens x Gemma 3's 262k in bf16
 ROW_BLOCK, ROW_WARPS = 4096, 8  # the row kernel's vocabulary block and warps (bench/head_probe.py times others)
@@ -167,7 +168,6 @@ class _LogProbsWithForwardGradient(torch.autograd.Function):
 
 
 _positions = None  # the flat indices of the supervised positions, set by `scoring_positions`
-_trl_use_triton = None  # TRL's own test of whether to keep only the supervised positions, set by `install`
 
 
 @contextlib.contextmanager
@@ -222,13 +222,9 @@ class LogProbsWithForwardGradient:
 
 # Putting it in place (gemma_sft/patches/registry.py turns it on and off)
 def install() -> None:
-    global _trl_use_triton
     import trl.trainer.utils as trl_utils
-    from trl.kernels.chunked_logprob import _use_triton
 
-    trl_utils.__dict__["_ChunkedLogProbFunction"]  # a KeyError if TRL renamed it
-    trl_utils.__dict__["_use_triton"]
-    _trl_use_triton = _use_triton  # TRL's own, not whatever trl_utils holds now (ours, once installed)
+    trl_utils.__dict__["_ChunkedLogProbFunction"], trl_utils.__dict__["_use_triton"]  # a KeyError if TRL renamed them
     trl_utils._ChunkedLogProbFunction = LogProbsWithForwardGradient
     trl_utils._use_triton = _compacts_on_device
 
@@ -241,11 +237,10 @@ def installed() -> bool:
 
 def uninstall() -> None:
     import trl.trainer.utils as trl_utils
-    from trl.kernels import ChunkedLogProbFunction
 
     if "_ChunkedLogProbFunction" in trl_utils.__dict__:
         trl_utils._ChunkedLogProbFunction = ChunkedLogProbFunction
     if trl_utils.__dict__.get("_use_triton") is _compacts_on_device:
-        from trl.kernels.chunked_logprob import _use_triton
+        from trl.kernels.chunked_logprob import _use_triton  # TRL's own, even where a test stands in for ours
 
         trl_utils._use_triton = _use_triton
