@@ -7,12 +7,12 @@ bitsandbytes). Each set-up runs in its own process so memory peaks and kernel pa
 
     python bench/bench.py                       # every set-up; results in bench/results.json and a table
     python bench/bench.py --only ours original  # a subset
-    python bench/bench.py --only ours unsloth ours_8k unsloth_8k --unsloth-pythonpath DIR   # against Unsloth
+    python bench/bench.py --only ours unsloth_8k ours_16k unsloth --unsloth-pythonpath DIR   # against Unsloth
 
 Against Unsloth: `unsloth` and `unsloth_8k` run bench/unsloth_reference.py in Unsloth's own environment (it pins its
 own TRL and datasets): another interpreter (--unsloth-python, e.g. a venv's bin/python) or this one with Unsloth's
 packages on PYTHONPATH instead of ours (--unsloth-pythonpath, e.g. a `pip install --target` folder). Same random
-checkpoint, rows and tokens per step as `ours` (16,384) and `ours_8k` (8,192); a second table gives ours over Unsloth
+checkpoint, rows and tokens per step as `ours` (8,192) and `ours_16k` (16,384); a second table gives ours over Unsloth
 for each pair, and the results go to bench/results/DATE-CARD-ours-vs-unsloth.json.
 
 Figures: trained tokens/s is the real tokens of the steps after the warm-up steps over their time, timed as one window
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "bench" / "gemma-3-4b-it.config.json"
 MISSION = str(ROOT / "recipes" / "gemma3_belle.yaml")
-# the same job as the mission recipe in rows of 8,192 tokens (for cards under 14 GiB)
+# the same job as the mission recipe in two rows of 4,096 tokens (for cards under 11 GiB)
 LOW_MEMORY = str(ROOT / "recipes" / "gemma3_belle_low_memory.yaml")
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM parts
 MISSION_ROWS, MISSION_EPOCHS = 2000, 3
@@ -71,14 +71,14 @@ ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_step
 # name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
 SETUPS = {
     "ours": (
-        "gemma3_belle.yaml as shipped: one packed row of 16,384 tokens per step (padded to that one shape), "
+        "gemma3_belle.yaml as shipped: one packed row of 8,192 tokens per step (padded to that one shape), "
         "flex_attention, liger, fused QLoRA, checkpointing with the MLP outputs kept",
         MISSION,
         [],
         None,
     ),
     "ours_8k": (
-        "as shipped, with one packed row of 8,192 tokens per step (padded to that one shape)",
+        "the mission recipe at 8,192 tokens per step, as shipped since 2026-12-07 (the name is kept for its results)",
         MISSION,
         ROWS_8K,
         None,
@@ -142,7 +142,7 @@ SETUPS = {
         None,
     ),
     "ours_16k": (
-        "as shipped: one packed row of 16,384 tokens per step (the name is kept for its results)",
+        "the mission recipe at 16,384 tokens per step, as shipped from 2026-11-28 to 2026-12-07",
         MISSION,
         ["--max_length", "16384", "--pad_to_multiple_of", "16384"],
         None,
@@ -182,7 +182,8 @@ SETUPS = {
     ),
     "ours_compile": ("as shipped + torch.compile of each decoder layer", MISSION, COMPILE, None),
     "low_memory": (
-        "gemma3_belle_low_memory.yaml as shipped: packed rows of 8,192 tokens x accumulation 2",
+        "gemma3_belle_low_memory.yaml as shipped: packed rows of 4,096 tokens x accumulation 2, MLP outputs "
+        "recomputed",
         LOW_MEMORY,
         [],
         None,
@@ -342,8 +343,8 @@ SETUPS = {
 # our set-up it is compared with, at the same tokens per step). Not in the default list: it needs that environment.
 # Unsloth trains with the optimizer of the set-up it is compared with.
 UNSLOTH = {
-    "unsloth": (16384, "ours"),
-    "unsloth_8k": (8192, "ours_8k"),
+    "unsloth": (16384, "ours_16k"),
+    "unsloth_8k": (8192, "ours"),
 }
 
 

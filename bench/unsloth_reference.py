@@ -7,7 +7,7 @@ itself when missing). Unsloth's fast path: QLoRA r=16, alpha 32 on every attenti
 language model, LoRA dropout 0, its own gradient checkpointing and compiled kernels, TRL packing padding-free.
 
     python bench/bench.py --only ours unsloth --unsloth-pythonpath DIR   # both, one call, with the ratios
-    python bench/unsloth_reference.py --max_length 16384 --out bench/results-unsloth.json   # this one alone
+    python bench/unsloth_reference.py --max_length 8192 --out bench/results-unsloth.json   # this one alone
 
 Figures are timed by bench.py's own `StepClock`: trained tokens over one window of the steps after the warm-up,
 the GPU waited for only at its two ends, logging every bench.LOGGING_STEPS steps, as for ours.
@@ -38,7 +38,7 @@ def versions(*names: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/gemma-sft-bench"))
-    parser.add_argument("--max_length", type=int, default=16384, help="tokens per packed row (= per optimizer step)")
+    parser.add_argument("--max_length", type=int, default=8192, help="tokens per packed row (= per optimizer step)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state figure")
     parser.add_argument("--optim", default="paged_adamw_32bit", help="the optimizer (bench.py passes our set-up's)")

@@ -13,9 +13,9 @@ MISSION = "recipes/gemma3_belle.yaml"
 LOW_MEMORY = "recipes/gemma3_belle_low_memory.yaml"
 DEMO = "recipes/gemma3_270m_belle_demo.yaml"
 SINGLE_GPU = "accelerate_configs/single_gpu.yaml"
-# The mission recipe reserves about 11 GiB at its peak (README, Results); with the CUDA context and some margin
-# that fits a 16 GB card (14.5-15.6 GiB usable) but not a 12 GB one, so smaller cards get the low-memory recipe.
-MISSION_MIN_GIB = 14
+# The mission recipe reserves about 8.3 GiB at its peak (README, Results); with the CUDA context and some margin
+# that fits a 12 GB card (11.7 GiB usable) but not a 10 GB one, so smaller cards get the low-memory recipe.
+MISSION_MIN_GIB = 11
 
 
 def default_recipe(has_cuda: bool, gpu_gib: float = 0.0) -> str:

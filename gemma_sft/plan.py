@@ -38,7 +38,7 @@ def settle_recipe(training_args, model_args, given: set[str], resolved: dict, pl
     """The part decided before any data is read: row shape and attention for unpacked training, token counting.
     `given`: the keys set on the command line, which are never overridden; `resolved` is updated to match."""
     plan = plan or Plan()
-    # A packed recipe's row shape (pad_to_multiple_of 16,384) and flex_attention are for packed rows. With packing
+    # A packed recipe's row shape (pad_to_multiple_of 8,192) and flex_attention are for packed rows. With packing
     # off they would pad each ~300-token sample to the whole row and compile attention again for each new length, so
     # unless given on the command line, unpacked batches are padded to a multiple of UNPACKED_PAD and use sdpa.
     if not training_args.packing:

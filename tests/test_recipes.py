@@ -63,8 +63,8 @@ def test_mission_recipe_keeps_the_original_tool_settings():
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (16, 32, 0.1)
     # the original tool's paged_adamw_32bit takes the same steps (tests/test_optimizer.py)
     assert args.optim.value == "adamw_torch_fused" and args.learning_rate == 2e-4 and args.weight_decay == 0.001
-    # packed: one row of 16,384 tokens per optimizer step (the low-memory recipe's 2 x 8,192, in one pass)
-    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_length) == (1, 1, 16384)
+    # packed: one row of 8,192 tokens per optimizer step (the low-memory recipe's 2 x 4,096, in one pass)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_length) == (1, 1, 8192)
     assert args.packing and args.pad_to_multiple_of == args.max_length  # one shape: kernels compile once
     assert args.max_grad_norm == 0.3 and args.num_train_epochs == 3
     assert args.lr_scheduler_type.value == "constant_with_warmup" and args.warmup_steps == 0.03
@@ -84,7 +84,7 @@ def test_low_memory_recipe_is_the_mission_job_in_smaller_rows():
     per_step = [a.max_length * a.per_device_train_batch_size * a.gradient_accumulation_steps
                 for a in (mission_args, low_args)]  # fmt: skip
     assert per_step[0] == per_step[1]  # tokens per optimizer step, and so the number of steps and the schedule
-    assert (low_args.max_length, low_args.gradient_accumulation_steps) == (8192, 2)
+    assert (low_args.max_length, low_args.gradient_accumulation_steps) == (4096, 2)
     assert low_args.pad_to_multiple_of == low_args.max_length  # one shape, as in the mission recipe
 
 
@@ -93,10 +93,10 @@ def test_several_gpus_are_told_the_flags_that_keep_the_one_gpu_batch():
     _, mission, _, _, *_ = config.parse([MISSION, "--dry_run"])
     _, low, _, _, *_ = config.parse([str(REPO_ROOT / LOW_MEMORY), "--dry_run"])
     assert config.one_gpu_batch_flags(low, 2) == "--gradient_accumulation_steps 1"
-    assert config.one_gpu_batch_flags(low, 4) == "--max_length 2048 --pad_to_multiple_of 2048"
-    assert config.one_gpu_batch_flags(mission, 2) == "--max_length 8192 --pad_to_multiple_of 8192"
-    assert config.one_gpu_batch_flags(low, 3) is None  # neither 2 steps nor 8,192 tokens split in 3
-    _, halved, _, _, *_ = config.parse([MISSION, "--max_length", "8192", "--pad_to_multiple_of", "8192", "--dry_run"])
+    assert config.one_gpu_batch_flags(low, 4) == "--max_length 1024 --pad_to_multiple_of 1024"
+    assert config.one_gpu_batch_flags(mission, 2) == "--max_length 4096 --pad_to_multiple_of 4096"
+    assert config.one_gpu_batch_flags(low, 3) is None  # neither 2 steps nor 4,096 tokens split in 3
+    _, halved, _, _, *_ = config.parse([MISSION, "--max_length", "4096", "--pad_to_multiple_of", "4096", "--dry_run"])
     assert 2 * halved.max_length * halved.gradient_accumulation_steps == mission.max_length
 
 
@@ -141,7 +141,9 @@ def test_make_train_picks_the_recipe_and_launcher_by_hardware():
     assert default_recipe(has_cuda=True, gpu_gib=23.6) == MISSION  # a 24 GB card
     assert default_recipe(has_cuda=True, gpu_gib=22.0) == MISSION  # a 24 GB L4
     assert default_recipe(has_cuda=True, gpu_gib=14.6) == MISSION  # a 16 GB T4
-    assert default_recipe(has_cuda=True, gpu_gib=11.7) == LOW_MEMORY  # a 12 GB card
+    assert default_recipe(has_cuda=True, gpu_gib=11.7) == MISSION  # a 12 GB card
+    assert default_recipe(has_cuda=True, gpu_gib=9.8) == LOW_MEMORY  # a 10 GB card
+    assert default_recipe(has_cuda=True, gpu_gib=7.6) == LOW_MEMORY  # an 8 GB card
     assert default_recipe(has_cuda=False) == DEMO
     assert all(Path(REPO_ROOT / recipe).is_file() for recipe in (MISSION, LOW_MEMORY, DEMO))
     gpu = train_command(None, has_cuda=True, gpu_gib=80)
@@ -165,7 +167,7 @@ def test_lora_targets_the_language_model_only_with_the_expected_parameter_count(
 
 
 def test_unpacked_runs_drop_the_packed_row_shape_and_flex_attention():
-    """`--packing false` on a packed recipe pads each batch to a multiple of 128, not to the 16,384-token row, and
+    """`--packing false` on a packed recipe pads each batch to a multiple of 128, not to the 8,192-token row, and
     uses sdpa (flex_attention would compile again for each new length); flags given on the command line win."""
     _, args, model_args, resolved, *_ = config.parse([MISSION, "--packing", "false", "--dry_run"])
     assert args.pad_to_multiple_of == plan.UNPACKED_PAD == 128 and model_args.attn_implementation == "sdpa"
@@ -174,7 +176,7 @@ def test_unpacked_runs_drop_the_packed_row_shape_and_flex_attention():
                                            "--attn_implementation", "flex_attention", "--dry_run"])  # fmt: skip
     assert args.pad_to_multiple_of == 4096 and model_args.attn_implementation == "flex_attention"
     _, args, model_args, _, *_ = config.parse([MISSION, "--dry_run"])
-    assert args.pad_to_multiple_of == 16384 and model_args.attn_implementation == "flex_attention"
+    assert args.pad_to_multiple_of == 8192 and model_args.attn_implementation == "flex_attention"
 
 
 def test_make_train_passes_the_launchers_failure_on():

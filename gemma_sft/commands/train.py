@@ -125,7 +125,7 @@ def stats_for_metrics(stats: dict) -> dict:
 # How the entry script reports an interruption or running out of memory (gemma_sft.errors.run)
 RUN_OPTIONS = dict(
     on_interrupt="interrupted: re-run the same command to resume from the last checkpoint",
-    on_out_of_memory="on a card under 14 GiB use recipes/gemma3_belle_low_memory.yaml (the same job); below "
+    on_out_of_memory="on a card under 11 GiB use recipes/gemma3_belle_low_memory.yaml (the same job); below "
     "that, divide --max_length (and --pad_to_multiple_of) and multiply --gradient_accumulation_steps by the same "
     "factor; re-running resumes from the last checkpoint",
 )
