@@ -61,12 +61,16 @@ NO_FUSED = ["--fused_qlora", "false"]
 GC_EVERY_2 = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
 BF16_STORAGE = ["--bnb_4bit_quant_storage", "bfloat16"]  # FSDP shards only floating-point tensors
 NO_DROPOUT = ["--lora_dropout", "0"]
-FAST = [*NO_DROPOUT, *GC_EVERY_2]  # a speed-first variant: no dropout, checkpointing every 2nd layer
-ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # the same tokens per optimizer step
+ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # one row of 32,768 tokens per step
 ROWS_8K = ["--max_length", "8192", "--pad_to_multiple_of", "8192"]  # one packed row of 8,192 tokens per step
+# on the low-memory recipe: its rows until 2026-12-07 (8,192 x accumulation 2), for the set-ups measured on them
+FORMER_LOW_MEMORY_ROWS = ROWS_8K
+# a speed-first variant of the former low-memory recipe: no dropout, checkpointing every 2nd layer
+FAST = [*ROWS_8K, *NO_DROPOUT, *GC_EVERY_2]
 FP8 = ["--fp8_base_matmuls", "true"]
 WAITING = ["--async_steps", "false", "--optim", "paged_adamw_32bit"]  # the step as it was
-ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "2"]
+# the low-memory recipe on 2 GPUs: accumulation 1 instead of 2 keeps its tokens per optimizer step
+ON_2, SAME_BATCH_ON_2 = ["--num_processes", "2"], ["--gradient_accumulation_steps", "1"]
 
 # name -> (description, recipe, flags on top of it, accelerate launch flags or None for a plain process)
 SETUPS = {
@@ -201,9 +205,9 @@ SETUPS = {
         None,
     ),
     "low_memory_static": (
-        "low-memory recipe with every row padded to 8,192 tokens (one shape, as the mission recipe pads to 32,768)",
+        "low-memory recipe with rows of 8,192 tokens x accumulation 2, every row padded to 8,192 (one shape)",
         LOW_MEMORY,
-        ["--pad_to_multiple_of", "8192"],
+        FORMER_LOW_MEMORY_ROWS,
         None,
     ),
     "low_memory_16k": (
@@ -212,7 +216,8 @@ SETUPS = {
         ["--max_length", "16384", "--gradient_accumulation_steps", "2", "--pad_to_multiple_of", "16384"],
         None,
     ),
-    # Single levers on 8,192-token rows (the low-memory recipe), each against the others.
+    # Single levers on 8,192-token rows x accumulation 2 (the low-memory recipe until 2026-12-07), each against the
+    # others.
     "original": (
         "original tool: batch 1 x accumulation 4, no packing, grad checkpointing, sdpa",
         LOW_MEMORY,
@@ -238,14 +243,19 @@ SETUPS = {
         None,
     ),
     "pack4k": ("packing 4,096 tokens per row, sdpa", LOW_MEMORY, ["--max_length", "4096", *SDPA_NO_LIGER], None),
-    "pack8k": ("packing 8,192 tokens per row, sdpa", LOW_MEMORY, SDPA_NO_LIGER, None),
+    "pack8k": ("packing 8,192 tokens per row, sdpa", LOW_MEMORY, [*FORMER_LOW_MEMORY_ROWS, *SDPA_NO_LIGER], None),
     "pack8k_flex": (
         "packing 8,192 + flex_attention (per-sample block mask)",
         LOW_MEMORY,
-        ["--use_liger_kernel", "false"],
+        [*FORMER_LOW_MEMORY_ROWS, "--use_liger_kernel", "false"],
         None,
     ),
-    "pack8k_liger": ("packing 8,192 + liger kernels, sdpa", LOW_MEMORY, ["--attn_implementation", "sdpa"], None),
+    "pack8k_liger": (
+        "packing 8,192 + liger kernels, sdpa",
+        LOW_MEMORY,
+        [*FORMER_LOW_MEMORY_ROWS, "--attn_implementation", "sdpa"],
+        None,
+    ),
     "low_memory_peft": ("low-memory recipe with PEFT's own QLoRA layers", LOW_MEMORY, NO_FUSED, None),
     "low_memory_nogc": (
         "low-memory recipe without grad checkpointing",
@@ -254,12 +264,22 @@ SETUPS = {
         None,
     ),
     "low_memory_nodrop": ("low-memory recipe, lora_dropout 0", LOW_MEMORY, NO_DROPOUT, None),
-    "gc2": ("low-memory recipe, checkpointing every 2nd layer only", LOW_MEMORY, GC_EVERY_2, None),
-    "compile": ("low-memory recipe + torch.compile of each decoder layer", LOW_MEMORY, COMPILE, None),
-    "compile_gc2": (
-        "low-memory recipe + torch.compile, checkpointing every 2nd layer only",
+    "gc2": (
+        "8k rows x 2, checkpointing every 2nd layer only",
         LOW_MEMORY,
-        [*COMPILE, *GC_EVERY_2],
+        [*FORMER_LOW_MEMORY_ROWS, *GC_EVERY_2],
+        None,
+    ),
+    "compile": (
+        "8k rows x 2 + torch.compile of each decoder layer",
+        LOW_MEMORY,
+        [*FORMER_LOW_MEMORY_ROWS, *COMPILE],
+        None,
+    ),
+    "compile_gc2": (
+        "8k rows x 2 + torch.compile, checkpointing every 2nd layer only",
+        LOW_MEMORY,
+        [*FORMER_LOW_MEMORY_ROWS, *COMPILE, *GC_EVERY_2],
         None,
     ),
     "fast": (
@@ -290,21 +310,21 @@ SETUPS = {
     ),
     "nodrop_32k": ("as ours_32k, lora_dropout 0", LOW_MEMORY, [*NO_DROPOUT, *ROWS_32K], None),
     "ours_static": (
-        "low-memory recipe, each packed row padded to 8,192 tokens: one shape to compile",
+        "8k rows x 2, each packed row padded to 8,192 tokens: one shape to compile",
         LOW_MEMORY,
-        ["--pad_to_multiple_of", "8192"],
+        FORMER_LOW_MEMORY_ROWS,
         None,
     ),
-    # Several GPUs, on 8,192-token rows: accumulation 2 instead of 4 keeps the one-GPU global batch (and so the loss
-    # curve). The mission recipe's one 32k row per step cannot be halved that way; these show how training scales.
-    "ours_ddp2": ("low-memory recipe, DDP on 2 GPUs, accumulation 2", LOW_MEMORY, SAME_BATCH_ON_2, [*DDP, *ON_2]),
+    # Several GPUs, on the low-memory recipe's 4,096-token rows: accumulation 1 instead of 2 keeps the one-GPU tokens
+    # per step (and so the loss curve). The mission recipe's one row per step cannot be split that way.
+    "ours_ddp2": ("low-memory recipe, DDP on 2 GPUs, accumulation 1", LOW_MEMORY, SAME_BATCH_ON_2, [*DDP, *ON_2]),
     "ours_ddp2_static": (
         "as ours_ddp2, without DDP's per-step search for unused parameters (TRL's default for Gemma 3)",
         LOW_MEMORY,
         [*SAME_BATCH_ON_2, "--ddp_find_unused_parameters", "false"],
         [*DDP, *ON_2],
     ),
-    "fast_ddp2": ("as fast, DDP on 2 GPUs, accumulation 2", LOW_MEMORY, [*FAST, *SAME_BATCH_ON_2], [*DDP, *ON_2]),
+    "fast_ddp2": ("as fast, DDP on 2 GPUs, accumulation 1", LOW_MEMORY, [*FAST, *SAME_BATCH_ON_2], [*DDP, *ON_2]),
     "ours_fsdp1": (
         "low-memory recipe, FSDP-QLoRA on 1 GPU (the baseline for per-GPU memory)",
         LOW_MEMORY,
@@ -312,13 +332,13 @@ SETUPS = {
         [*FSDP, "--num_processes", "1"],
     ),
     "ours_fsdp2": (
-        "low-memory recipe, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16), accumulation 2",
+        "low-memory recipe, FSDP-QLoRA on 2 GPUs (4-bit weights stored in bf16), accumulation 1",
         LOW_MEMORY,
         [*BF16_STORAGE, *SAME_BATCH_ON_2],
         [*FSDP, *ON_2],
     ),
     "ours_zero3_2": (
-        "low-memory recipe, DeepSpeed ZeRO-3 on 2 GPUs (4-bit weights stored in bf16), accumulation 2",
+        "low-memory recipe, DeepSpeed ZeRO-3 on 2 GPUs (4-bit weights stored in bf16), accumulation 1",
         LOW_MEMORY,
         [*BF16_STORAGE, *SAME_BATCH_ON_2],
         [*ZERO3, *ON_2],
