@@ -1,6 +1,6 @@
 """End-to-end check of training on several GPUs, through sft.py exactly as a user launches it (needs 2 CUDA GPUs).
 
-Trains the low-memory recipe (the mission job in 4 x 8,192-token rows per step, which split evenly over GPUs) for a
+Trains the low-memory recipe (the mission job in 2 x 4,096-token rows per step, which split evenly over GPUs) for a
 few steps on the benchmark's random gemma-3-4b-it and Belle-like rows (run bench/bench.py once first to build them)
 three ways: one GPU, DDP on 2 GPUs, FSDP-QLoRA on 2 GPUs; the 2-GPU runs halve gradient accumulation so every run
 takes the same global batch. Then, in a single process, it loads each
@@ -25,7 +25,7 @@ WORK = Path("/tmp/gemma-sft-bench")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 RECIPE = "recipes/gemma3_belle_low_memory.yaml"
 ON_2 = ["--num_processes", "2"]
-SAME_BATCH_ON_2 = ["--gradient_accumulation_steps", "2"]  # the one-GPU global batch, so the curves compare
+SAME_BATCH_ON_2 = ["--gradient_accumulation_steps", "1"]  # the one-GPU global batch, so the curves compare
 # sharding needs the 4-bit weights in a float dtype
 SHARDED = [*SAME_BATCH_ON_2, "--bnb_4bit_quant_storage", "bfloat16"]
 RUNS = {

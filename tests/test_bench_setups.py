@@ -15,7 +15,7 @@ def _load(name: str):
     return module
 
 
-bench, quality = _load("bench"), _load("quality")
+bench, quality, scale_check = _load("bench"), _load("quality"), _load("scale_check")
 
 
 def _tokens_per_step(recipe: str, flags: list[str]) -> int:
@@ -50,3 +50,9 @@ def test_the_shipped_recipes_are_the_setups_their_names_say():
     assert _tokens_per_step(bench.MISSION, []) == _tokens_per_step(bench.LOW_MEMORY, [])
     assert _tokens_per_step(*bench.SETUPS["ours_16k"][1:3]) == 16384
     assert _tokens_per_step(*bench.SETUPS["ours_8k"][1:3]) == 8192
+
+
+def test_two_gpu_runs_keep_the_one_gpu_tokens_per_step():
+    """Data parallelism doubles the rows per step; the 2-GPU set-ups halve accumulation so the loss curves compare."""
+    for module, recipe in ((bench, bench.LOW_MEMORY), (scale_check, REPO_ROOT / scale_check.RECIPE)):
+        assert 2 * _tokens_per_step(recipe, module.SAME_BATCH_ON_2) == _tokens_per_step(recipe, [])
