@@ -52,7 +52,22 @@ def test_the_shipped_recipes_are_the_setups_their_names_say():
     assert _tokens_per_step(*bench.SETUPS["ours_8k"][1:3]) == 8192
 
 
+def _without(flags: list[str], part: list[str]) -> list[str] | None:
+    """flags with the first run of `part` taken out; None if `part` is not in them."""
+    for i in range(len(flags) - len(part) + 1):
+        if flags[i : i + len(part)] == part:
+            return flags[:i] + flags[i + len(part) :]
+    return None
+
+
 def test_two_gpu_runs_keep_the_one_gpu_tokens_per_step():
-    """Data parallelism doubles the rows per step; the 2-GPU set-ups halve accumulation so the loss curves compare."""
-    for module, recipe in ((bench, bench.LOW_MEMORY), (scale_check, REPO_ROOT / scale_check.RECIPE)):
-        assert 2 * _tokens_per_step(recipe, module.SAME_BATCH_ON_2) == _tokens_per_step(recipe, [])
+    """Data parallelism multiplies the rows per step; every several-GPU set-up lowers its accumulation to match, so
+    its loss curve compares with the one-GPU run of the same flags."""
+    several = {name: setup for name, setup in bench.SETUPS.items() if bench.gpus_needed(setup[3]) > 1}
+    assert several  # the set-ups of the Several GPUs table
+    for name, (_, recipe, flags, launcher) in several.items():
+        one_gpu = _without(flags, bench.SAME_BATCH_ON_2)
+        assert one_gpu is not None, name
+        assert bench.gpus_needed(launcher) * _tokens_per_step(recipe, flags) == _tokens_per_step(recipe, one_gpu), name
+    recipe = REPO_ROOT / scale_check.RECIPE
+    assert 2 * _tokens_per_step(recipe, scale_check.SAME_BATCH_ON_2) == _tokens_per_step(recipe, [])

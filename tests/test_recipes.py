@@ -32,27 +32,6 @@ def test_every_recipe_parses_with_only_known_keys(recipe, tmp_path):
     assert again.include_num_input_tokens_seen == training_args.include_num_input_tokens_seen
 
 
-def load_bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "bench" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-BENCH = load_bench()
-
-
-@pytest.mark.parametrize("name", sorted(BENCH.SETUPS))
-def test_every_benchmark_setup_parses(name):
-    """GPU time is scarce: a misspelt flag in a benchmark set-up should fail here, not on the GPU machine."""
-    _description, recipe, flags, launcher = BENCH.SETUPS[name]
-    _data_args, training_args, _model_args, _, *_ = config.parse([recipe, *flags, "--dry_run"])
-    if BENCH.gpus_needed(launcher) == 2:
-        assert training_args.gradient_accumulation_steps == 2  # the one-GPU global batch, for comparable curves
-
-
 def test_mission_recipe_keeps_the_original_tool_settings():
     data_args, args, model_args, _, *_ = config.parse([MISSION, "--dry_run"])
     assert model_args.model_name_or_path == "google/gemma-3-4b-it"
