@@ -139,22 +139,22 @@ def new_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int32)
 
 
-def down(x2d: torch.Tensor, lora_a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """dropout(x) @ A.T, shape (tokens, rank), in x's dtype."""
+def down(x2d: torch.Tensor, lora_a: torch.Tensor, p: float, seed: torch.Tensor,
+         block_m=64, block_k=64, num_warps=4, num_stages=3) -> torch.Tensor:  # fmt: skip
+    """dropout(x) @ A.T, shape (tokens, rank), in x's dtype. The block sizes are bench/kernel_probe.py's to vary."""
     (m, k), rank = x2d.shape, lora_a.shape[0]
     out = torch.empty(m, rank, device=x2d.device, dtype=x2d.dtype)
-    block_m = 64
     _down_kernel[(triton.cdiv(m, block_m),)](
         x2d, lora_a.contiguous(), out, seed, m, k, rank, *_threshold_and_scale(p),
-        RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=64,
+        RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
 
-def grad_a(grad_down: torch.Tensor, x2d: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+def grad_a(grad_down: torch.Tensor, x2d: torch.Tensor, p: float, seed: torch.Tensor,
+           block_m=64, block_k=64, num_warps=4) -> torch.Tensor:  # fmt: skip
     """grad_down.T @ dropout(x) with the forward pass's mask, shape (rank, features), in fp32."""
     (m, k), rank = x2d.shape, grad_down.shape[1]
-    block_m, block_k = 64, 64
     # enough programs to fill the GPU: column blocks x row splits, each split summed into its own fp32 partial
     programs = 4 * _multiprocessors(x2d.device)
     splits = max(1, min(triton.cdiv(m, 1024), triton.cdiv(programs, triton.cdiv(k, block_k))))
@@ -165,21 +165,21 @@ def grad_a(grad_down: torch.Tensor, x2d: torch.Tensor, p: float, seed: torch.Ten
     partial = torch.empty(splits, rank_block, k, device=x2d.device, dtype=torch.float32)
     _grad_a_kernel[(triton.cdiv(k, block_k), splits)](
         grad_down.contiguous(), x2d, partial, seed, m, k, rank, threshold, rows_per_split,
-        RANK=rank_block, BLOCK_M=block_m, BLOCK_K=block_k,
+        RANK=rank_block, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return partial.sum(0)[:rank].mul_(scale)
 
 
-def grad_x(grad_down: torch.Tensor, lora_a: torch.Tensor, p: float, seed: torch.Tensor, into=None) -> torch.Tensor:
+def grad_x(grad_down: torch.Tensor, lora_a: torch.Tensor, p: float, seed: torch.Tensor, into=None,
+           block_m=64, block_k=128, num_warps=4) -> torch.Tensor:  # fmt: skip
     """dropout'(grad_down @ A): the adapter branch's input gradient, masked as its input was, in grad_down's dtype.
     Written, and the frozen weight's input gradient then added into it by its own matmul (addmm_); or, with `into`
     (a contiguous (rows, features) tensor holding that gradient already), added into it."""
     (m, rank), k = grad_down.shape, lora_a.shape[1]
     out = into if into is not None else torch.empty(m, k, device=grad_down.device, dtype=grad_down.dtype)
-    block_m, block_k = 64, 128
     _grad_x_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
         out, grad_down.contiguous(), lora_a.contiguous(), seed, m, k, rank, *_threshold_and_scale(p),
-        RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, ACCUMULATE=into is not None,
+        RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, ACCUMULATE=into is not None, num_warps=num_warps,
     )  # fmt: skip
     return out
 
