@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 # Unpacked batches are padded to a multiple of this: few shapes (few CUDA graphs to capture), little padding, and
 # never a length of 64 more than a multiple of 128, where cuDNN's attention backward can return NaN (attention.py).
 UNPACKED_PAD = 128
-# The most tokens one merged batch may pad to: the mission recipe's packed row, which fits a 16 GB card on the 4B.
+# The most tokens one merged batch may pad to: two of the mission recipe's packed rows, which the 4B trains in
+# about 11 GiB reserved (docs/PERFORMANCE.md, 16,384 tokens per step).
 MERGED_BATCH_TOKENS = 16_384
 
 
