@@ -87,6 +87,26 @@ def test_packed_block_masks_allow_exactly_what_transformers_masks_allow_and_refi
     assert "query tokens 0-511 see other keys" in packed.matches(_transformers_masks(config, first, monkeypatch))
 
 
+def test_both_layer_types_attend_through_one_compiled_flex_attention(tiny_model_dir):
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    packed = PackedBlockMasks(config, packed_positions(100, 300, 37, total=512))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 16) for _ in range(3))
+    expected = {name: flex_attention(q, k, v, block_mask=mask) for name, mask in packed.masks.items()}
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(flex_attention, backend="eager", fullgraph=True)  # dynamo's guards, no kernel build
+    for name, mask in packed.masks.items():
+        torch.testing.assert_close(compiled(q, k, v, block_mask=mask), expected[name])
+    # a second graph would be a second flex_attention kernel to build on a GPU's first step
+    assert len(packed.masks) == 2 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 def tiny_lora_model(model_dir, device, dropout, four_bit, attention="sdpa"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -4,8 +4,9 @@ transformers builds a new BlockMask object for every packed batch: new tensors, 
 tensor of sequence numbers. A captured graph reads the addresses it saw at capture, so here each row shape gets one
 set of masks whose tensors (the block layout and the sequence numbers the mask function reads) are refilled in place
 for each batch. The mask functions are transformers' own rules for packed rows (a token sees the earlier tokens of its
-own sequence; in sliding layers only the last `sliding_window` of them); `matches` checks them against the masks
-transformers builds, token by token, before any graph uses them.
+own sequence; in sliding layers only the last `sliding_window` of them), one function for both layer types so that
+flex_attention compiles once; `matches` checks them against the masks transformers builds, token by token, before
+any graph uses them.
 """
 
 import torch
@@ -43,18 +44,23 @@ class PackedBlockMasks:
         self.create_block_mask = masking_utils.create_block_mask
         self.shape = tuple(position_ids.shape)
         self.sequences = sequence_numbers(position_ids)  # read by the mask functions, refilled in place
-        sequences, window = self.sequences, config.sliding_window
+        self.mask_functions = {
+            name: self.rule(config.sliding_window if name == "sliding_attention" else self.shape[1])
+            for name in sorted(set(config.layer_types))
+        }
+        self.masks = {name: self.build(function) for name, function in self.mask_functions.items()}
 
-        def causal_in_sequence(batch, head, q, kv):
-            return (kv <= q) & (sequences[batch, q] == sequences[batch, kv])
+    def rule(self, window: int):
+        """A token sees the earlier tokens of its own sequence, the last `window` of them. Both layer types get this
+        one function, each with its window as a tensor (a full layer's spans the row): torch.compile then builds one
+        flex_attention kernel for both, where two functions, or a window held as a Python number, compile twice."""
+        sequences, window = self.sequences, torch.tensor(window, device=self.sequences.device)
 
-        def sliding_in_sequence(batch, head, q, kv):
+        def in_sequence_within_window(batch, head, q, kv):
             return (kv <= q) & (kv > q - window) & (sequences[batch, q] == sequences[batch, kv])
 
-        causal_in_sequence.broadcasts = sliding_in_sequence.broadcasts = True  # see block_masks.broadcasts
-        rules = {"full_attention": causal_in_sequence, "sliding_attention": sliding_in_sequence}
-        self.mask_functions = {name: rules[name] for name in sorted(set(config.layer_types))}
-        self.masks = {name: self.build(function) for name, function in self.mask_functions.items()}
+        in_sequence_within_window.broadcasts = True  # see block_masks.broadcasts
+        return in_sequence_within_window
 
     def build(self, mask_function):
         batch, length = self.shape
