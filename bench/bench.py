@@ -35,6 +35,7 @@ import os
 import pstats
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -795,6 +796,14 @@ def card_slug(card: str) -> str:
     return (found.group(1) if found else card).lower().replace(" ", "-")
 
 
+def empty_caches(folder: Path) -> dict:
+    """Environment variables that point Triton's and TorchInductor's kernel caches at new, empty folders."""
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "triton").mkdir(parents=True)
+    (folder / "inductor").mkdir()
+    return {"TRITON_CACHE_DIR": str(folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
+
+
 def run_process(name: str, command: list[str], env: dict, out: Path) -> dict:
     """One set-up in its own process: its RESULT line, or its last error line (the error output kept beside out)."""
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -832,6 +841,12 @@ def main() -> int:
         "with pip install --target)",
     )
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="the date the results are named with")
+    parser.add_argument(
+        "--empty-caches",
+        action="store_true",
+        help="each set-up starts on empty Triton and TorchInductor caches of its own (under WORK/caches), so that "
+        "every warm-up in one call is a first run's",
+    )
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one set-up in this process
     args = parser.parse_args()
 
@@ -867,9 +882,10 @@ def main() -> int:
         build_checkpoint(
             checkpoint, Path(args.tokenizer) if args.tokenizer else embedded.tokenizer_dir(), model_config
         )
-    one_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     results = []
     for name in names:
+        environment = {**os.environ, **(empty_caches(work / "caches" / name) if args.empty_caches else {})}
+        one_gpu = {**environment, "CUDA_VISIBLE_DEVICES": environment.get("CUDA_VISIBLE_DEVICES", "0")}
         common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--work", str(work),
                   "--model-config", str(model_config)]  # fmt: skip
         if name in UNSLOTH:
@@ -892,7 +908,7 @@ def main() -> int:
                 results.append({"setup": name, "error": f"needs {gpus} GPUs"})
                 continue
             command = [*prefix, __file__, "--run", name, *common]
-            results.append(run_process(name, command, os.environ if gpus > 1 else one_gpu, out))
+            results.append(run_process(name, command, environment if gpus > 1 else one_gpu, out))
         pairs = against_unsloth(results)
         print(table(results[-1:]).splitlines()[-1], flush=True)
         out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")  # kept if cut short

@@ -1,4 +1,5 @@
-"""bench.py's clock: warm-up steps timed one by one, the steady steps as one window waited for only at its ends."""
+"""bench.py's clock (warm-up steps timed one by one, the steady steps as one window waited for only at its ends) and
+its empty kernel caches."""
 
 import importlib.util
 import sys
@@ -36,3 +37,12 @@ def test_the_steady_window_covers_the_steps_after_the_warm_up_and_waits_only_at_
     assert tok_s == pytest.approx(4000 / 5.0)
     assert warmup_excess == pytest.approx(5.0 + 2.0 - 2 * 1000 / tok_s)
     assert per_step == 1000
+
+
+def test_empty_caches_give_a_set_up_new_empty_kernel_cache_folders(tmp_path):
+    stale = tmp_path / "ours" / "triton" / "kernel.cubin"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier run")
+    env = bench.empty_caches(tmp_path / "ours")
+    assert set(env) == {"TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"}
+    assert all(Path(folder).is_dir() and not any(Path(folder).iterdir()) for folder in env.values())
