@@ -28,6 +28,7 @@ memory tensors held, reserved GiB what the caching allocator held (what a card m
 import argparse
 import cProfile
 import gc
+import hashlib
 import io
 import json
 import math
@@ -409,6 +410,53 @@ def flops_per_token(config: dict) -> float:
 def work_files(work: Path, model_config: Path) -> tuple[Path, Path]:
     """Where the random checkpoint of an architecture and the Belle-like rows live under the work folder."""
     return work / (model_config.name.removesuffix(".config.json") + "-random"), work / "belle_like.jsonl"
+
+
+def ensure_work_files(work: Path, model_config: Path, tokenizer_dir: Path | None = None) -> tuple[Path, Path]:
+    """The random checkpoint and the rows under the work folder, reused only when their stamps say they were written
+    whole from this architecture and this bundled sample; otherwise built again (each written aside, then moved)."""
+    checkpoint, data_file = work_files(work, model_config)
+    work.mkdir(parents=True, exist_ok=True)
+    data_inputs = {"sample_sha256": _sha256(ROOT / "data" / "belle_sample_zh.jsonl"), "rows": 3000, "seed": 0}
+    stamp = data_file.with_name(data_file.name + ".stamp.json")
+    written = _read_stamp(stamp)
+    if not (written and data_file.exists() and written == {**data_inputs, "sha256": _sha256(data_file)}):
+        stamp.unlink(missing_ok=True)
+        partial = data_file.with_name(data_file.name + ".partial")
+        build_data(partial, data_inputs["rows"], data_inputs["seed"])
+        partial.replace(data_file)
+        stamp.write_text(json.dumps({**data_inputs, "sha256": _sha256(data_file)}), encoding="utf-8")
+    stamp = checkpoint / "bench-stamp.json"
+    written = _read_stamp(stamp)
+    if not (written and written == {"config_sha256": _sha256(model_config), "files": _sizes(checkpoint, stamp)}):
+        if tokenizer_dir is None:
+            from gemma_sft.models import embedded
+
+            tokenizer_dir = embedded.tokenizer_dir()
+        partial = checkpoint.with_name(checkpoint.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build_checkpoint(partial, Path(tokenizer_dir), model_config)
+        stamp = {"config_sha256": _sha256(model_config), "files": _sizes(partial)}
+        (partial / "bench-stamp.json").write_text(json.dumps(stamp), encoding="utf-8")
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        partial.rename(checkpoint)
+    return checkpoint, data_file
+
+
+def _sizes(folder: Path, *leaving_out: Path) -> dict:
+    """Each file's size (a whole checkpoint is gigabytes: sizes catch a cut-short write without reading it all)."""
+    return {p.name: p.stat().st_size for p in sorted(folder.glob("*")) if p.is_file() and p not in leaving_out}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def build_checkpoint(folder: Path, tokenizer_dir: Path, model_config: Path) -> None:
@@ -873,15 +921,7 @@ def main() -> int:
     else:
         out = ROOT / "bench" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    if not data_file.exists():
-        build_data(data_file)
-    if not checkpoint.exists():
-        from gemma_sft.models import embedded
-
-        build_checkpoint(
-            checkpoint, Path(args.tokenizer) if args.tokenizer else embedded.tokenizer_dir(), model_config
-        )
+    ensure_work_files(work, model_config, args.tokenizer and Path(args.tokenizer))
     results = []
     for name in names:
         environment = {**os.environ, **(empty_caches(work / "caches" / name) if args.empty_caches else {})}

@@ -60,16 +60,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     model_config = Path(args.model_config).resolve() if args.model_config else bench.CONFIG
-    checkpoint, data_file = bench.work_files(work, model_config)
-    if not data_file.exists():
-        bench.build_data(data_file)
-    if not checkpoint.exists():
-        from gemma_sft.models import embedded
-
-        bench.build_checkpoint(checkpoint, embedded.tokenizer_dir(), model_config)
+    checkpoint, data_file = bench.ensure_work_files(Path(args.work), model_config)
 
     model, processor = FastModel.from_pretrained(
         str(checkpoint), max_seq_length=args.max_length, dtype=torch.bfloat16, load_in_4bit=True

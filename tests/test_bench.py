@@ -46,3 +46,38 @@ def test_empty_caches_give_a_set_up_new_empty_kernel_cache_folders(tmp_path):
     env = bench.empty_caches(tmp_path / "ours")
     assert set(env) == {"TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"}
     assert all(Path(folder).is_dir() and not any(Path(folder).iterdir()) for folder in env.values())
+
+
+def test_the_work_files_are_reused_only_when_their_stamps_match(tmp_path, monkeypatch):
+    built = []
+
+    def fake_checkpoint(folder, tokenizer_dir, model_config):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(model_config.read_text())
+        built.append(folder.name)
+
+    monkeypatch.setattr(bench, "build_checkpoint", fake_checkpoint)
+    config = tmp_path / "tiny.config.json"
+    config.write_text('{"hidden_size": 8}')
+    work = tmp_path / "work"
+    checkpoint, data = bench.ensure_work_files(work, config, tmp_path)
+    rows = data.read_text(encoding="utf-8")
+    assert built == ["tiny-random.partial"] and checkpoint == work / "tiny-random" and len(rows.splitlines()) == 3000
+    assert not any(path.name.endswith(".partial") for path in work.iterdir())
+
+    bench.ensure_work_files(work, config, tmp_path)  # whole and stamped: reused
+    assert len(built) == 1 and data.read_text(encoding="utf-8") == rows
+
+    config.write_text('{"hidden_size": 16}')  # another architecture under the same name
+    bench.ensure_work_files(work, config, tmp_path)
+    assert len(built) == 2 and (checkpoint / "model.safetensors").read_text() == '{"hidden_size": 16}'
+
+    (checkpoint / "model.safetensors").write_text('{"hidden')  # a file cut short, the stamp intact
+    data.write_text(rows[:1000], encoding="utf-8")
+    bench.ensure_work_files(work, config, tmp_path)
+    assert len(built) == 3 and data.read_text(encoding="utf-8") == rows
+
+    (checkpoint / "bench-stamp.json").unlink()  # a checkpoint whose writing was cut short before its stamp
+    data.with_name(data.name + ".stamp.json").write_text("{", encoding="utf-8")
+    bench.ensure_work_files(work, config, tmp_path)
+    assert len(built) == 4 and data.read_text(encoding="utf-8") == rows
