@@ -52,6 +52,7 @@ MISSION = str(ROOT / "recipes" / "gemma3_belle.yaml")
 LOW_MEMORY = str(ROOT / "recipes" / "gemma3_belle_low_memory.yaml")
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM parts
 MISSION_ROWS, MISSION_EPOCHS = 2000, 3
+DATA_ROWS = 3000  # Belle-like rows written for the benchmarks
 LOGGING_STEPS = 5  # the recipes' logging_steps: each log reads the loss on the host
 
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "multi_gpu.yaml")]
@@ -417,18 +418,19 @@ def ensure_work_files(work: Path, model_config: Path, tokenizer_dir: Path | None
     whole from this architecture and this bundled sample; otherwise built again (each written aside, then moved)."""
     checkpoint, data_file = work_files(work, model_config)
     work.mkdir(parents=True, exist_ok=True)
-    data_inputs = {"sample_sha256": _sha256(ROOT / "data" / "belle_sample_zh.jsonl"), "rows": 3000, "seed": 0}
-    stamp = data_file.with_name(data_file.name + ".stamp.json")
-    written = _read_stamp(stamp)
+    data_inputs = {"sample_sha256": _sha256(ROOT / "data" / "belle_sample_zh.jsonl"), "rows": DATA_ROWS, "seed": 0}
+    data_stamp = data_file.with_name(data_file.name + ".stamp.json")
+    written = _read_stamp(data_stamp)
     if not (written and data_file.exists() and written == {**data_inputs, "sha256": _sha256(data_file)}):
-        stamp.unlink(missing_ok=True)
+        data_stamp.unlink(missing_ok=True)
         partial = data_file.with_name(data_file.name + ".partial")
         build_data(partial, data_inputs["rows"], data_inputs["seed"])
         partial.replace(data_file)
-        stamp.write_text(json.dumps({**data_inputs, "sha256": _sha256(data_file)}), encoding="utf-8")
-    stamp = checkpoint / "bench-stamp.json"
-    written = _read_stamp(stamp)
-    if not (written and written == {"config_sha256": _sha256(model_config), "files": _sizes(checkpoint, stamp)}):
+        data_stamp.write_text(json.dumps({**data_inputs, "sha256": _sha256(data_file)}), encoding="utf-8")
+    config_sha256 = _sha256(model_config)
+    checkpoint_stamp = checkpoint / "bench-stamp.json"
+    written = _read_stamp(checkpoint_stamp)
+    if not (written and written == {"config_sha256": config_sha256, "files": _sizes(checkpoint, checkpoint_stamp)}):
         if tokenizer_dir is None:
             from gemma_sft.models import embedded
 
@@ -436,8 +438,8 @@ def ensure_work_files(work: Path, model_config: Path, tokenizer_dir: Path | None
         partial = checkpoint.with_name(checkpoint.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         build_checkpoint(partial, Path(tokenizer_dir), model_config)
-        stamp = {"config_sha256": _sha256(model_config), "files": _sizes(partial)}
-        (partial / "bench-stamp.json").write_text(json.dumps(stamp), encoding="utf-8")
+        stamp = {"config_sha256": config_sha256, "files": _sizes(partial)}
+        (partial / checkpoint_stamp.name).write_text(json.dumps(stamp), encoding="utf-8")
         shutil.rmtree(checkpoint, ignore_errors=True)
         partial.rename(checkpoint)
     return checkpoint, data_file
@@ -484,7 +486,7 @@ def build_checkpoint(folder: Path, tokenizer_dir: Path, model_config: Path) -> N
     print(f"random {model_config.name} checkpoint written to {folder} in {time.time() - start:.0f}s", flush=True)
 
 
-def build_data(path: Path, rows: int = 3000, seed: int = 0) -> None:
+def build_data(path: Path, rows: int, seed: int) -> None:
     """Belle-like rows: lognormal prompt/answer lengths, characters drawn from our bundled Chinese sample."""
     rng = random.Random(seed)
     sample = (ROOT / "data" / "belle_sample_zh.jsonl").read_text(encoding="utf-8")
