@@ -148,6 +148,12 @@ SETUPS = {
         ["--block_masks_without_compile", "false"],
         None,
     ),
+    "ours_no_precompile": (
+        "as shipped, the first step's kernels compiled by the training process itself (precompile_kernels false)",
+        MISSION,
+        ["--precompile_kernels", "false"],
+        None,
+    ),
     "ours_16k": (
         "the mission recipe at 16,384 tokens per step, as shipped from 2026-11-28 to 2026-12-07",
         MISSION,
@@ -567,6 +573,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
                 activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
                 self.profiler.start()
+            if state.global_step == 0:
+                self.kernels_at_start = cached_kernels()  # precompile's workers are joined: its callback runs first
             self.clock.begin(state)
             self._gc, self._retries = collecting["seconds"], torch.cuda.memory_stats().get("num_alloc_retries", 0)
             if self.first_step_at is None:
@@ -574,6 +582,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 
         def on_step_end(self, args, state, control, **kwargs):
             self.clock.end(state)
+            if state.global_step == 1:
+                self.first_step_kernels = cached_kernels() - self.kernels_at_start
             self.gc_seconds.append(round(collecting["seconds"] - self._gc, 3))
             self.alloc_retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0) - self._retries)
             self.captures.append(graph_captures(kwargs["model"]) - sum(self.captures))  # new CUDA graphs this step
@@ -656,6 +666,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "step_gc_s": timer.gc_seconds,
         "step_alloc_retries": timer.alloc_retries,
         "compile_s": compile_seconds(),
+        "first_step_kernels_compiled": getattr(timer, "first_step_kernels", None),  # with --empty-caches
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(mission_s),
         **graphs,
@@ -844,6 +855,13 @@ def card_slug(card: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100', for file names."""
     found = re.search(r"\b([A-Z]{1,2}\d{2,3}[A-Z]?|RTX \d{4}|\d{4})\b", card.removeprefix("NVIDIA "))
     return (found.group(1) if found else card).lower().replace(" ", "-")
+
+
+def cached_kernels() -> int:
+    """How many compiled GPU kernels (cubin files) the Triton and TorchInductor caches hold, where --empty-caches
+    pointed them at folders of their own; else 0."""
+    folders = [os.environ.get(name) for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")]
+    return sum(1 for folder in folders if folder for _ in Path(folder).rglob("*.cubin"))
 
 
 def empty_caches(folder: Path) -> dict:
