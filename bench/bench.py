@@ -517,7 +517,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     from transformers import TrainerCallback
 
     from gemma_sft import config, data, models
-    from gemma_sft.patches import async_steps
+    from gemma_sft.patches import async_steps, precompile
     from gemma_sft.trainer import build_trainer
 
     started = time.time()
@@ -667,6 +667,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "step_alloc_retries": timer.alloc_retries,
         "compile_s": compile_seconds(),
         "first_step_kernels_compiled": getattr(timer, "first_step_kernels", None),  # with --empty-caches
+        "precompile": precompile.last_outcome,
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(mission_s),
         **graphs,

@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 TIMEOUT_S = 180  # the longest the main process waits for the workers before its first step
+# The workers share the GPU with the model loading beside them (a CUDA context and up to about a GiB of tensors
+# each), so they start only where this much is free: never on a card the run itself needs nearly all of
+MIN_FREE_GIB = 16
+last_outcome: dict | None = None  # the last joined workers' outcome in this process (the benchmark records it)
 
 
 def jobs_for(text_config: dict, training_args, model_args, speed) -> dict:
@@ -79,7 +83,9 @@ class Workers:
         for job, process in self.processes.items():
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
-                outcome[job] = "done" if process.returncode == 0 else f"failed ({self._last_line(job)})"
+                outcome[job] = (
+                    f"done ({self._last_line(job)})" if process.returncode == 0 else f"failed ({self._last_line(job)})"
+                )
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -122,6 +128,10 @@ def start_for(model_path: str, training_args, model_args, speed) -> Workers | No
 
     if not (speed.precompile_kernels and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1):
         return None
+    free_gib = torch.cuda.mem_get_info()[0] / 2**30
+    if free_gib < MIN_FREE_GIB:
+        print(f"precompile_kernels: not started, {free_gib:.1f} GiB free on the GPU (it needs {MIN_FREE_GIB})")
+        return None
     jobs = jobs_for(text_config_of(model_path, model_args.model_revision), training_args, model_args, speed)
     return start(jobs, torch.cuda.current_device())
 
@@ -134,7 +144,9 @@ def callback(workers: Workers):
             nonlocal workers
             if workers is None:
                 return
-            outcome, workers = workers.wait(), None
+            global last_outcome
+            last_outcome, workers = workers.wait(), None
+            outcome = last_outcome
             jobs = ", ".join(f"{job} {what}" for job, what in outcome["jobs"].items())
             print(f"Kernels compiled ahead (precompile_kernels): {jobs}; waited {outcome['waited_s']} s", flush=True)
 
@@ -238,6 +250,7 @@ def run_job(job: str, spec: dict) -> None:
     torch.cuda.set_device(spec["device"])
     runs[job]()
     torch.cuda.synchronize()
+    print(f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved at most", flush=True)
 
 
 if __name__ == "__main__":
