@@ -39,9 +39,11 @@ def jobs_for(text_config: dict, training_args, model_args, speed) -> dict:
     tokens = 256 + training_args.per_device_train_batch_size * training_args.max_length % 16
     widths = {key: text_config[key] for key in ("hidden_size", "intermediate_size", "num_attention_heads", "head_dim")}
     liger = (training_args.liger_kernel_config or {}) if training_args.use_liger_kernel else None
+    layers = {"liger_kernel_config": liger, "text_config": text_config,
+              "qk_norm_in_stored_layout": speed.qk_norm_in_stored_layout}  # fmt: skip
     jobs = {}
     if liger is not None:
-        jobs["layers"] = {"tokens": tokens, "liger_kernel_config": liger, "text_config": text_config}
+        jobs["layers"] = {"tokens": tokens, **layers}
     one_row_shape = (
         training_args.packing
         and training_args.per_device_train_batch_size == 1
@@ -50,8 +52,7 @@ def jobs_for(text_config: dict, training_args, model_args, speed) -> dict:
     if model_args.attn_implementation == "flex_attention" and speed.cuda_graphs and one_row_shape:
         # the masks the graphed text model hands flex_attention for packed rows (packed_block_masks.py)
         jobs["attention"] = {
-            "tokens": training_args.max_length, "liger_kernel_config": liger, "text_config": text_config,
-            "tuned_flex_attention": speed.tuned_flex_attention,
+            "tokens": training_args.max_length, **layers, "tuned_flex_attention": speed.tuned_flex_attention,
             "block_masks_without_compile": speed.block_masks_without_compile,
         }  # fmt: skip
     dropout = model_args.lora_dropout if model_args.use_peft else 0.0
@@ -189,6 +190,7 @@ def _run_layers(spec: dict, flex: bool) -> None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model, **spec["liger_kernel_config"])
+    if spec["qk_norm_in_stored_layout"]:  # after Liger, as in training: the layout flex_attention's inputs have
         attention.qk_norm_in_stored_layout(model)
     position_ids = _packed_positions(spec["tokens"])
     masks = None
