@@ -154,6 +154,13 @@ SETUPS = {
         ["--precompile_kernels", "false"],
         None,
     ),
+    "ours_precompile": (
+        "as shipped, the first step's kernels compiled by worker processes while the model loads "
+        "(precompile_kernels true)",
+        MISSION,
+        ["--precompile_kernels", "true"],
+        None,
+    ),
     "ours_16k": (
         "the mission recipe at 16,384 tokens per step, as shipped from 2026-11-28 to 2026-12-07",
         MISSION,

@@ -198,7 +198,7 @@ class SpeedArguments:
         },
     )
     precompile_kernels: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "On one GPU: compile the first step's Triton and flex_attention kernels in worker processes while "
             "the model loads, into the kernel caches the first step reads (gemma_sft/patches/precompile.py); "
