@@ -158,7 +158,7 @@ def callback(workers: Workers):
 def _tiny_model(spec: dict, attn_implementation: str):
     """A two-layer language model of the run's widths (one layer of each type), random bf16 weights on the GPU."""
     import torch
-    from transformers import Gemma3TextConfig, Gemma3TextModel
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     types = sorted(set(spec["text_config"]["layer_types"]))
     config = Gemma3TextConfig.from_dict(
@@ -166,8 +166,8 @@ def _tiny_model(spec: dict, attn_implementation: str):
     )
     config._attn_implementation = attn_implementation
     torch.set_default_dtype(torch.bfloat16)  # a worker's own process: no float32 copy of the weights first
-    with torch.device("cuda"):
-        model = Gemma3TextModel(config)
+    with torch.device("cuda"):  # the causal LM, as Liger patches it; its text model runs below
+        model = Gemma3ForCausalLM(config)
     model.train()
     return model, config
 
@@ -205,7 +205,7 @@ def _run_layers(spec: dict, flex: bool) -> None:
         masks = dict(PackedBlockMasks(config, position_ids).masks)
     x = torch.randn(1, spec["tokens"], spec["hidden_size"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(inputs_embeds=x, position_ids=position_ids, attention_mask=masks).last_hidden_state
+        out = model.model(inputs_embeds=x, position_ids=position_ids, attention_mask=masks).last_hidden_state
     out.float().square().mean().backward()
 
 
