@@ -148,19 +148,6 @@ SETUPS = {
         ["--block_masks_without_compile", "false"],
         None,
     ),
-    "ours_no_precompile": (
-        "as shipped, the first step's kernels compiled by the training process itself (precompile_kernels false)",
-        MISSION,
-        ["--precompile_kernels", "false"],
-        None,
-    ),
-    "ours_precompile": (
-        "as shipped, the first step's kernels compiled by worker processes while the model loads "
-        "(precompile_kernels true)",
-        MISSION,
-        ["--precompile_kernels", "true"],
-        None,
-    ),
     "ours_16k": (
         "the mission recipe at 16,384 tokens per step, as shipped from 2026-11-28 to 2026-12-07",
         MISSION,
@@ -524,7 +511,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
     from transformers import TrainerCallback
 
     from gemma_sft import config, data, models
-    from gemma_sft.patches import async_steps, precompile
+    from gemma_sft.patches import async_steps
     from gemma_sft.trainer import build_trainer
 
     started = time.time()
@@ -581,7 +568,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
                 self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
                 self.profiler.start()
             if state.global_step == 0:
-                self.kernels_at_start = cached_kernels()  # precompile's workers are joined: its callback runs first
+                self.kernels_at_start = cached_kernels()
             self.clock.begin(state)
             self._gc, self._retries = collecting["seconds"], torch.cuda.memory_stats().get("num_alloc_retries", 0)
             if self.first_step_at is None:
@@ -674,7 +661,6 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "step_alloc_retries": timer.alloc_retries,
         "compile_s": compile_seconds(),
         "first_step_kernels_compiled": getattr(timer, "first_step_kernels", None),  # with --empty-caches
-        "precompile": precompile.last_outcome,
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(mission_s),
         **graphs,

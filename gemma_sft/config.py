@@ -197,14 +197,6 @@ class SpeedArguments:
             "while the GPU works (gemma_sft/patches/async_steps.py)."
         },
     )
-    precompile_kernels: bool = field(
-        default=False,
-        metadata={
-            "help": "On one GPU: compile the first step's Triton and flex_attention kernels in worker processes while "
-            "the model loads, into the kernel caches the first step reads (gemma_sft/patches/precompile.py); "
-            "replaces nothing, computes nothing differently."
-        },
-    )
     fsdp_checkpoint_fixes: bool = field(
         default=True,
         metadata={"help": "Under FSDP: make checkpoints hold and restore the adapter and the optimizer's state."},

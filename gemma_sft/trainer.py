@@ -130,15 +130,11 @@ def build_trainer(
 
     from gemma_sft import models, patches
     from gemma_sft.config import SpeedArguments
-    from gemma_sft.patches import precompile
 
     speed = speed or SpeedArguments()
     settle_training(training_args, model_args, speed, prepared.train_lengths, plan)
     speed_callbacks = patches.install(speed, training_args, model_args)
-    model_path = models.resolve_model(model_args.model_name_or_path)
-    workers = precompile.start_for(model_path, training_args, model_args, speed)  # while the model loads
-    joins = [precompile.callback(workers)] if workers else []  # first: joined before any callback's first step
-    model = models.load_model(model_path, model_args, tokenizer)
+    model = models.load_model(models.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
     return GemmaSFTTrainer(
         model=model,
         args=training_args,
@@ -146,5 +142,5 @@ def build_trainer(
         eval_dataset=prepared.eval if len(prepared.eval) else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[*joins, *callbacks, *speed_callbacks, FreezeSetUpObjects()],
+        callbacks=[*callbacks, *speed_callbacks, FreezeSetUpObjects()],
     )

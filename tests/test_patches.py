@@ -38,9 +38,8 @@ PROCESS_WIDE = ["fused_qlora", "fused_output_head", "pack_in_one_pass", "tuned_f
 
 def test_every_entry_has_a_switch_and_every_switch_an_entry():
     switches = {f.name for f in dataclasses.fields(SpeedArguments)}
-    # settings of fused_qlora's and offload_activations'; a batching choice; kernels compiled ahead (replaces nothing)
-    not_entries = {"lora_dropout_in_kernels", "fp8_base_matmuls", "offload_kept_outputs", "merge_micro_batches",
-                   "precompile_kernels"}  # fmt: skip
+    # settings of fused_qlora's and offload_activations'; a batching choice
+    not_entries = {"lora_dropout_in_kernels", "fp8_base_matmuls", "offload_kept_outputs", "merge_micro_batches"}
     assert {entry.switch for entry in patches.PATCHES} == switches - not_entries
     kinds = {entry.switch: entry.kind for entry in patches.PATCHES}
     assert set(kinds.values()) == {patches.SPEED, patches.FIX} and kinds["fsdp_checkpoint_fixes"] == patches.FIX

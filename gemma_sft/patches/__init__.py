@@ -13,8 +13,6 @@ in the registry with a switch, the version they were checked against and whether
     block_masks       flex_attention block masks built in bands of query rows, without torch.compile (speed: warm-up)
     async_steps       TRL's and the Trainer's per-step figures kept on the GPU until a log reads them (speed)
     fp8_matmul        the frozen weights' products in FP8 inside fused_qlora (speed, off: slower as built)
-    precompile        the first step's kernels compiled in worker processes while the model loads (speed: warm-up;
-                      replaces nothing, so it is a switch without a registry entry)
     fsdp_checkpoints  FSDP checkpoints that hold the adapter and the optimizer state (fix)
 """
 
