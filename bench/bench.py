@@ -859,11 +859,20 @@ def cached_kernels() -> int:
 
 
 def empty_caches(folder: Path) -> dict:
-    """Environment variables that point Triton's and TorchInductor's kernel caches at new, empty folders."""
+    """Environment variables that point the kernel caches at new, empty folders: Triton's and TorchInductor's, and
+    for Unsloth its generated modules (UNSLOTH_COMPILE_LOCATION, else `unsloth_compiled_cache` in the working folder)
+    and its saved torch.compile artifacts (UNSLOTH_MEGA_CACHE_DIR, else ~/.cache/unsloth/mega_cache), which a later
+    Unsloth process would otherwise load."""
     shutil.rmtree(folder, ignore_errors=True)
-    (folder / "triton").mkdir(parents=True)
-    (folder / "inductor").mkdir()
-    return {"TRITON_CACHE_DIR": str(folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
+    env = {
+        "TRITON_CACHE_DIR": folder / "triton",
+        "TORCHINDUCTOR_CACHE_DIR": folder / "inductor",
+        "UNSLOTH_COMPILE_LOCATION": folder / "unsloth_compiled_cache",
+        "UNSLOTH_MEGA_CACHE_DIR": folder / "unsloth_mega_cache",
+    }
+    for path in env.values():
+        path.mkdir(parents=True)
+    return {name: str(path) for name, path in env.items()}
 
 
 def run_process(name: str, command: list[str], env: dict, out: Path) -> dict:
@@ -906,8 +915,8 @@ def main() -> int:
     parser.add_argument(
         "--empty-caches",
         action="store_true",
-        help="each set-up starts on empty Triton and TorchInductor caches of its own (under WORK/caches), so that "
-        "every warm-up in one call is a first run's",
+        help="each set-up starts on empty kernel caches of its own (Triton's, TorchInductor's and Unsloth's, under "
+        "WORK/caches), so that every warm-up in one call is a first run's",
     )
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one set-up in this process
     args = parser.parse_args()

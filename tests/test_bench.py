@@ -44,7 +44,9 @@ def test_empty_caches_give_a_set_up_new_empty_kernel_cache_folders(tmp_path):
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"from an earlier run")
     env = bench.empty_caches(tmp_path / "ours")
-    assert set(env) == {"TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"}
+    assert set(env) == {"TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_COMPILE_LOCATION",
+                        "UNSLOTH_MEGA_CACHE_DIR"}  # fmt: skip
+    assert all(Path(folder).is_relative_to(tmp_path / "ours") for folder in env.values())
     assert all(Path(folder).is_dir() and not any(Path(folder).iterdir()) for folder in env.values())
 
 
