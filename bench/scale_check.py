@@ -21,11 +21,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from bench import ON_2, SAME_BATCH_ON_2  # noqa: E402  the one-GPU global batch on 2 GPUs, so the curves compare
+
 WORK = Path("/tmp/gemma-sft-bench")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 RECIPE = "recipes/gemma3_belle_low_memory.yaml"
-ON_2 = ["--num_processes", "2"]
-SAME_BATCH_ON_2 = ["--gradient_accumulation_steps", "1"]  # the one-GPU global batch, so the curves compare
 # sharding needs the 4-bit weights in a float dtype
 SHARDED = [*SAME_BATCH_ON_2, "--bnb_4bit_quant_storage", "bfloat16"]
 RUNS = {
