@@ -577,7 +577,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         def on_step_end(self, args, state, control, **kwargs):
             self.clock.end(state)
             if state.global_step == 1:
-                self.first_step_kernels = cached_kernels() - self.kernels_at_start
+                self.first_step_kernels = sorted(path.stem for path in cached_kernels() - self.kernels_at_start)
             self.gc_seconds.append(round(collecting["seconds"] - self._gc, 3))
             self.alloc_retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0) - self._retries)
             self.captures.append(graph_captures(kwargs["model"]) - sum(self.captures))  # new CUDA graphs this step
@@ -660,7 +660,9 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "step_gc_s": timer.gc_seconds,
         "step_alloc_retries": timer.alloc_retries,
         "compile_s": compile_seconds(),
-        "first_step_kernels_compiled": getattr(timer, "first_step_kernels", None),  # with --empty-caches
+        # with --empty-caches: what the first step compiled itself (Triton names its cubin files after the kernel)
+        "first_step_kernels_compiled": len(getattr(timer, "first_step_kernels", [])),
+        "first_step_kernel_names": getattr(timer, "first_step_kernels", []),
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(mission_s),
         **graphs,
@@ -851,11 +853,11 @@ def card_slug(card: str) -> str:
     return (found.group(1) if found else card).lower().replace(" ", "-")
 
 
-def cached_kernels() -> int:
-    """How many compiled GPU kernels (cubin files) the Triton and TorchInductor caches hold, where --empty-caches
-    pointed them at folders of their own; else 0."""
+def cached_kernels() -> set[Path]:
+    """The compiled GPU kernels (cubin files) the Triton and TorchInductor caches hold, where --empty-caches pointed
+    them at folders of their own; else none."""
     folders = [os.environ.get(name) for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")]
-    return sum(1 for folder in folders if folder for _ in Path(folder).rglob("*.cubin"))
+    return {path for folder in folders if folder for path in Path(folder).rglob("*.cubin")}
 
 
 def empty_caches(folder: Path) -> dict:

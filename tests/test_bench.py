@@ -50,6 +50,22 @@ def test_empty_caches_give_a_set_up_new_empty_kernel_cache_folders(tmp_path):
     assert all(Path(folder).is_dir() and not any(Path(folder).iterdir()) for folder in env.values())
 
 
+def test_cached_kernels_are_the_cubin_files_of_the_emptied_caches_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert bench.cached_kernels() == set()  # the user's own caches are never counted
+    env = bench.empty_caches(tmp_path / "ours")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = bench.cached_kernels()
+    triton = Path(env["TRITON_CACHE_DIR"]) / "A1B2" / "_down_kernel.cubin"
+    inductor = Path(env["TORCHINDUCTOR_CACHE_DIR"]) / "triton" / "0" / "C3" / "triton_tem_fused_0.cubin"
+    for path in (triton, inductor, triton.with_suffix(".json")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    assert before == set() and bench.cached_kernels() == {triton, inductor}
+
+
 def test_the_work_files_are_reused_only_when_their_stamps_match(tmp_path, monkeypatch):
     built = []
 
