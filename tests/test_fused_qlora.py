@@ -41,11 +41,19 @@ def four_bit_lora_model(model_dir, dropout):
     return model.train()
 
 
+def token_ids(model, *shape):
+    """Random token ids on the model's device (bitsandbytes places a 4-bit model on the GPU where there is one)."""
+    return torch.randint(10, 1000, shape, device=next(model.parameters()).device)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_layers_give_peft_outputs_and_gradients(tiny_model_dir, count_fused_calls, dropout):
+def test_fused_layers_give_peft_outputs_and_gradients(tiny_model_dir, count_fused_calls, dropout, monkeypatch):
+    # PEFT's dropout module on both sides, so that both draw the same masks (on a GPU the fused layer would draw its
+    # own in the kernels: tests/test_lora_dropout.py checks those)
+    monkeypatch.setattr(fused_qlora, "dropout_in_kernels", False)
     model = four_bit_lora_model(tiny_model_dir, dropout)
     layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
-    ids = torch.randint(10, 1000, (2, 33))
+    ids = token_ids(model, 2, 33)
     results = []
     for fused in (False, True):
         patches.enable("fused_qlora") if fused else patches.disable("fused_qlora")
@@ -66,7 +74,7 @@ def test_fused_layers_give_peft_outputs_and_gradients(tiny_model_dir, count_fuse
 
 def test_cases_it_does_not_cover_keep_peft_forward(tiny_model_dir, count_fused_calls):
     model = four_bit_lora_model(tiny_model_dir, 0.0)
-    ids = torch.randint(10, 1000, (1, 9))
+    ids = token_ids(model, 1, 9)
     patches.enable("fused_qlora")
     with torch.no_grad():
         with model.disable_adapter():  # the base model alone
@@ -79,7 +87,7 @@ def test_cases_it_does_not_cover_keep_peft_forward(tiny_model_dir, count_fused_c
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert count_fused_calls
     layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A"))
-    x = torch.zeros(1, 3, layer.in_features)
+    x = torch.zeros(1, 3, layer.in_features, device=ids.device)
     assert fused_qlora.covers(layer, x, (), {})
     assert not fused_qlora.covers(layer, x.double(), (), {})  # not the dtype the layer computes in
     assert not fused_qlora.covers(layer, x, (), {"adapter_names": ["default"]})  # mixed-adapter batches
@@ -92,7 +100,7 @@ def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_di
     model = four_bit_lora_model(tiny_model_dir, dropout)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     patches.enable("fused_qlora")
-    ids = torch.randint(10, 1000, (2, 33))
+    ids = token_ids(model, 2, 33)
     results = []
     for keep in (False, True):
         if keep:
