@@ -550,6 +550,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
             self.clock = StepClock(warmup, steps, self.tokens_seen)
             self.losses, self.first_step_at, self.trainer = [], None, None
             self.gc_seconds, self.alloc_retries, self.captures = [], [], []
+            self.kernels_at_start = self.first_step_kernels = None  # with --empty-caches (cached_kernels)
             self._gc = self._retries = self._profile_t0 = 0
 
         def tokens_seen(self, state) -> int:
@@ -576,7 +577,7 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
 
         def on_step_end(self, args, state, control, **kwargs):
             self.clock.end(state)
-            if state.global_step == 1:
+            if state.global_step == 1 and self.kernels_at_start is not None:
                 self.first_step_kernels = sorted(path.stem for path in cached_kernels() - self.kernels_at_start)
             self.gc_seconds.append(round(collecting["seconds"] - self._gc, 3))
             self.alloc_retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0) - self._retries)
@@ -661,8 +662,8 @@ def run_one(name: str, checkpoint: Path, data_file: Path, steps: int, warmup: in
         "step_alloc_retries": timer.alloc_retries,
         "compile_s": compile_seconds(),
         # with --empty-caches: what the first step compiled itself (Triton names its cubin files after the kernel)
-        "first_step_kernels_compiled": len(getattr(timer, "first_step_kernels", [])),
-        "first_step_kernel_names": getattr(timer, "first_step_kernels", []),
+        "first_step_kernels_compiled": None if timer.first_step_kernels is None else len(timer.first_step_kernels),
+        "first_step_kernel_names": timer.first_step_kernels,
         "mission_tokens": round(mission_tokens),
         "mission_wall_s": round(mission_s),
         **graphs,
@@ -853,11 +854,14 @@ def card_slug(card: str) -> str:
     return (found.group(1) if found else card).lower().replace(" ", "-")
 
 
-def cached_kernels() -> set[Path]:
-    """The compiled GPU kernels (cubin files) the Triton and TorchInductor caches hold, where --empty-caches pointed
-    them at folders of their own; else none."""
-    folders = [os.environ.get(name) for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")]
-    return {path for folder in folders if folder for path in Path(folder).rglob("*.cubin")}
+def cached_kernels() -> set[Path] | None:
+    """The compiled GPU kernels (cubin files) in the caches TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR name (as
+    --empty-caches sets them); None where neither is set, since the default caches' places are not looked up and a
+    count of nothing would read as nothing compiled."""
+    folders = [folder for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR") if (folder := os.environ.get(name))]
+    if not folders:
+        return None
+    return {path for folder in folders for path in Path(folder).rglob("*.cubin")}
 
 
 def empty_caches(folder: Path) -> dict:
