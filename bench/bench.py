@@ -66,6 +66,7 @@ BF16_STORAGE = ["--bnb_4bit_quant_storage", "bfloat16"]  # FSDP shards only floa
 NO_DROPOUT = ["--lora_dropout", "0"]
 ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # one row of 32,768 tokens per step
 ROWS_8K = ["--max_length", "8192", "--pad_to_multiple_of", "8192"]  # one packed row of 8,192 tokens per step
+ROWS_16K = ["--max_length", "16384", "--pad_to_multiple_of", "16384"]
 # on the low-memory recipe: its rows until 2026-12-07 (8,192 x accumulation 2), for the set-ups measured on them
 FORMER_LOW_MEMORY_ROWS = ROWS_8K
 # a speed-first variant of the former low-memory recipe: no dropout, checkpointing every 2nd layer
@@ -151,9 +152,28 @@ SETUPS = {
     "ours_16k": (
         "the mission recipe at 16,384 tokens per step, as shipped from 2026-11-28 to 2026-12-07",
         MISSION,
-        ["--max_length", "16384", "--pad_to_multiple_of", "16384"],
+        ROWS_16K,
         None,
     ),
+    "ours_16k_nodrop": (
+        "ours_16k, lora_dropout 0",
+        MISSION,
+        [*ROWS_16K, *NO_DROPOUT],
+        None,
+    ),
+    "ours_16k_gc2": (
+        "ours_16k, checkpointing every 2nd layer only",
+        MISSION,
+        [*ROWS_16K, *GC_EVERY_2],
+        None,
+    ),
+    "ours_16k_gc2_nodrop": (
+        "ours_16k, checkpointing every 2nd layer only, lora_dropout 0",
+        MISSION,
+        [*ROWS_16K, *GC_EVERY_2, *NO_DROPOUT],
+        None,
+    ),
+    "ours_gc2": ("as shipped, checkpointing every 2nd layer only", MISSION, GC_EVERY_2, None),
     "ours_plain_attention": (
         "as shipped, without the attention speed-ups (q/k norms through the stored layout, flex_attention backward "
         "with 8 warps)",
