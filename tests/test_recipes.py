@@ -125,8 +125,15 @@ def test_make_train_picks_the_recipe_and_launcher_by_hardware():
     assert default_recipe(has_cuda=True, gpu_gib=7.6) == LOW_MEMORY  # an 8 GB card
     assert default_recipe(has_cuda=False) == DEMO
     assert all(Path(REPO_ROOT / recipe).is_file() for recipe in (MISSION, LOW_MEMORY, DEMO))
-    gpu = train_command(None, has_cuda=True, gpu_gib=80)
-    assert gpu[1:] == ["-m", "accelerate.commands.launch", "--config_file", SINGLE_GPU, "sft.py", MISSION]
+    launch = ["-m", "accelerate.commands.launch", "--config_file", SINGLE_GPU, "sft.py"]
+    assert train_command(None, has_cuda=True, gpu_gib=23.6)[1:] == [*launch, MISSION]  # a 24 GB card: no room to spare
+    # from 32 GB cards up every 2nd layer keeps its activations (docs/PERFORMANCE.md, The speed and memory curve)
+    keep_half = [*launch, MISSION, "--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
+    assert train_command(None, has_cuda=True, gpu_gib=31.4)[1:] == keep_half  # a 32 GB card
+    assert train_command(None, has_cuda=True, gpu_gib=79.2)[1:] == keep_half
+    assert train_command(MISSION, has_cuda=True, gpu_gib=79.2)[1:] == [*launch, MISSION]  # a recipe named: as it is
+    _, args, *_ = config.parse([*keep_half[len(launch) :], "--dry_run"])  # sft.py reads the flag as TRL's field
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"every_n_layers": 2}
     assert (REPO_ROOT / SINGLE_GPU).is_file()
     assert train_command(None, has_cuda=False)[1:] == ["sft.py", DEMO]
     assert train_command("recipes/x.yaml", has_cuda=False)[-1] == "recipes/x.yaml"
