@@ -176,6 +176,15 @@ SETUPS = {
         None,
     ),
     "ours_gc2": ("as shipped, checkpointing every 2nd layer only", MISSION, GC_EVERY_2, None),
+    **{
+        f"ours_keep{kept}": (
+            f"as shipped, {kept} evenly spaced layers keep their activations (kept_layers {kept})",
+            MISSION,
+            ["--kept_layers", str(kept)],
+            None,
+        )
+        for kept in (8, 17, 26, 34)
+    },
     "ours_plain_attention": (
         "as shipped, without the attention speed-ups (q/k norms through the stored layout, flex_attention backward "
         "with 8 warps)",

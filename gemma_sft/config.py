@@ -173,6 +173,16 @@ class SpeedArguments:
         default=True,
         metadata={"help": "Apply the query/key norms in the projection's stored layout, skipping two copies."},
     )
+    kept_layers: int = field(
+        default=0,
+        metadata={
+            "help": "With gradient checkpointing: this many decoder layers, evenly spaced, keep their activations "
+            "instead of recomputing them in the backward pass. Faster by the recomputation skipped, the same "
+            "arithmetic, for GPU memory per layer in proportion to the tokens per step (docs/PERFORMANCE.md, The "
+            "speed and memory curve); 0 recomputes every layer, the model's layer count or more keeps them all. "
+            "`make train` sets it from the card's memory (gemma_sft/hardware.py)."
+        },
+    )
     merge_micro_batches: bool = field(
         default=True,
         metadata={

@@ -9,6 +9,8 @@ is avoided, whether the compiler works per layer, and which patches apply.
 import os
 from dataclasses import asdict, dataclass, field
 
+from gemma_sft.errors import UserError
+
 # Unpacked batches are padded to a multiple of this: few shapes (few CUDA graphs to capture), little padding, and
 # never a length of 64 more than a multiple of 128, where cuDNN's attention backward can return NaN (attention.py).
 UNPACKED_PAD = 128
@@ -93,6 +95,8 @@ def settle_training(training_args, model_args, speed, train_lengths, plan: Plan 
                 f"{training_args.per_device_train_batch_size} (same samples and loss per optimizer step; "
                 "--merge_micro_batches false keeps them apart)"
             )
+    if speed.kept_layers:
+        plan.decisions.append(check_kept_layers(training_args, speed.kept_layers))
     plan.avoid_cudnn_attention = attention.avoid_cudnn_attention(model_args.attn_implementation)
     if plan.avoid_cudnn_attention:
         plan.decisions.append("sdpa without cuDNN's attention kernels (NaN gradients on padded rows, attention.py)")
@@ -115,6 +119,23 @@ def settle_training(training_args, model_args, speed, train_lengths, plan: Plan 
             else f"fp8_base_matmuls: {why_not}; the frozen weights' matmuls stay in bf16"
         )
     return plan
+
+
+def check_kept_layers(training_args, kept: int) -> str:
+    """kept_layers' line for the plan, or a UserError where the recipe cannot use it."""
+    if kept < 0:
+        raise UserError(f"kept_layers: {kept} is negative; give how many decoder layers keep their activations")
+    if not training_args.gradient_checkpointing:
+        raise UserError(
+            f"kept_layers: {kept} needs gradient_checkpointing: true (without checkpointing every layer keeps its "
+            "activations already)"
+        )
+    if (training_args.gradient_checkpointing_kwargs or {}).get("every_n_layers", 1) != 1:
+        raise UserError(
+            "kept_layers and gradient_checkpointing_kwargs' every_n_layers both choose which layers are recomputed; "
+            "give one of them"
+        )
+    return f"{kept} decoder layers, evenly spaced, keep their activations instead of recomputing them (kept_layers)"
 
 
 def _without_host_waits(training_args, plan: Plan) -> None:

@@ -55,6 +55,35 @@ class GemmaSFTTrainer(SFTTrainer):
         return super()._save_checkpoint(model, trial)
 
 
+def evenly_spaced(kept: int, layers: int) -> list[int]:
+    """`kept` of `layers` layer indices, spread evenly (the middle of each of `kept` equal spans); all when kept >=
+    layers. Half of 34 gives the odd layers, the ones every_n_layers 2 leaves unrecomputed."""
+    kept = min(kept, layers)
+    return [int((i + 0.5) * layers / kept) for i in range(kept)]
+
+
+class KeepLayerActivations(TrainerCallback):
+    """kept_layers: once the Trainer has turned gradient checkpointing on, turn it off again for that many decoder
+    layers, evenly spaced (transformers' own per-layer flag, as its every_n_layers sets it). Runs before the
+    patches' per-model parts, which look at that flag (keep_mlp_outputs, offload_activations)."""
+
+    def __init__(self, kept: int):
+        self.kept = kept
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        chosen = evenly_spaced(self.kept, len(layers))
+        for index in chosen:
+            layers[index].gradient_checkpointing = False
+        print(
+            f"kept_layers: {len(chosen)} of {len(layers)} decoder layers keep their activations "
+            f"({', '.join(map(str, chosen))}); the rest are recomputed in the backward pass",
+            flush=True,
+        )
+
+
 class FreezeSetUpObjects(TrainerCallback):
     """Keep the objects made while setting up (model modules, tokenizer, tokenized rows) out of Python's garbage
     collector while training: they live to the end anyway, and each full collection walked them all, about half a
@@ -134,6 +163,7 @@ def build_trainer(
     speed = speed or SpeedArguments()
     settle_training(training_args, model_args, speed, prepared.train_lengths, plan)
     speed_callbacks = patches.install(speed, training_args, model_args)
+    kept = [KeepLayerActivations(speed.kept_layers)] if speed.kept_layers else []  # before the patches' callbacks
     model = models.load_model(models.resolve_model(model_args.model_name_or_path), model_args, tokenizer)
     return GemmaSFTTrainer(
         model=model,
@@ -142,5 +172,5 @@ def build_trainer(
         eval_dataset=prepared.eval if len(prepared.eval) else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[*callbacks, *speed_callbacks, FreezeSetUpObjects()],
+        callbacks=[*callbacks, *kept, *speed_callbacks, FreezeSetUpObjects()],
     )

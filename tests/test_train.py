@@ -135,12 +135,12 @@ def test_multimodal_gemma_3_trains_its_language_model_only_and_reloads(tmp_path,
     torch.testing.assert_close(reloaded, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_checkpointing_every_second_layer_learns_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir):
-    """Recomputing only every 2nd layer's activations in the backward pass (`gradient_checkpointing_kwargs`, a lever
-    in docs/PERFORMANCE.md) is a speed and memory trade that must not change the gradients."""
+def test_keeping_some_layers_activations_learns_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir):
+    """Recomputing only some layers' activations in the backward pass (transformers' every_n_layers, or kept_layers,
+    which `make train` sets from the card's memory) is a speed and memory trade that must not change the gradients."""
     data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
     adapters, flags_seen = [], []
-    for kwargs in ([], ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']):
+    for kwargs in ([], ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'], ["--kept_layers", "1"]):
         trainer = train_in_process(
             monkeypatch,
             [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
@@ -150,11 +150,41 @@ def test_checkpointing_every_second_layer_learns_the_same_adapter(tmp_path, monk
         layers = trainer.model.get_base_model().model.layers
         flags_seen.append([layer.gradient_checkpointing for layer in layers])
         adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n})
-    assert flags_seen == [[True, True], [True, False]]
-    assert adapters[0].keys() == adapters[1].keys()
+    assert flags_seen == [[True, True], [True, False], [True, False]]
+    assert adapters[0].keys() == adapters[1].keys() == adapters[2].keys()
     assert any(p.abs().sum() > 0 for n, p in adapters[0].items() if "lora_B" in n)
     for name in adapters[0]:
         torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(adapters[2][name], adapters[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_kept_layers_are_spread_evenly_and_checked_against_the_recipe():
+    from types import SimpleNamespace
+
+    from gemma_sft.plan import check_kept_layers
+    from gemma_sft.trainer import evenly_spaced
+
+    assert evenly_spaced(17, 34) == list(range(1, 34, 2))  # the layers every_n_layers 2 leaves unrecomputed
+    assert evenly_spaced(4, 34) == [4, 12, 21, 29]
+    assert evenly_spaced(1, 34) == [17]
+    assert evenly_spaced(40, 34) == evenly_spaced(34, 34) == list(range(34))
+    for kept, layers in ((5, 34), (13, 34), (33, 34), (7, 18), (20, 48)):
+        chosen = evenly_spaced(kept, layers)
+        assert len(set(chosen)) == kept and 0 <= min(chosen) and max(chosen) < layers
+        gaps = [b - a for a, b in zip(chosen, chosen[1:])]
+        assert max(gaps) - min(gaps) <= 1
+
+    def recipe(checkpointing=True, kwargs=None):
+        return SimpleNamespace(gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs)
+
+    assert "8 decoder layers" in check_kept_layers(recipe(kwargs={"use_reentrant": False}), 8)
+    for args, kept, message in (
+        (recipe(), -1, "kept_layers: -1 is negative"),
+        (recipe(checkpointing=False), 8, "needs gradient_checkpointing: true"),
+        (recipe(kwargs={"every_n_layers": 2}), 8, "give one of them"),
+    ):
+        with pytest.raises(UserError, match=message):
+            check_kept_layers(args, kept)
 
 
 def test_torch_compile_compiles_decoder_layers_not_the_whole_model(tmp_path, monkeypatch, tiny_model_dir):
