@@ -45,7 +45,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gemma_sft.hardware import KEEP_HALF_THE_LAYERS  # noqa: E402
 
 CONFIG = ROOT / "bench" / "gemma-3-4b-it.config.json"
 MISSION = str(ROOT / "recipes" / "gemma3_belle.yaml")
@@ -62,8 +61,7 @@ ZERO3 = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yam
 SDPA_NO_LIGER = ["--attn_implementation", "sdpa", "--use_liger_kernel", "false"]
 COMPILE = ["--torch_compile", "true"]
 NO_FUSED = ["--fused_qlora", "false"]
-# checkpointing every 2nd layer: the flag `make train` adds on large cards, so `ours_gc2` measures what it runs
-GC_EVERY_2 = KEEP_HALF_THE_LAYERS
+GC_EVERY_2 = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']  # checkpointing every 2nd layer only
 BF16_STORAGE = ["--bnb_4bit_quant_storage", "bfloat16"]  # FSDP shards only floating-point tensors
 NO_DROPOUT = ["--lora_dropout", "0"]
 ROWS_32K = ["--max_length", "32768", "--gradient_accumulation_steps", "1"]  # one row of 32,768 tokens per step

@@ -1,6 +1,7 @@
-"""The machine and the launch: what `make train` runs here (the mission recipe on one CUDA GPU, keeping every 2nd
-layer's activations on a large card, its low-memory form on a small card, the embedded 270M demo on CPU), which
-adapter the verbs after it use, and the checks of a launch (precision, GPUs per process, FSDP and ZeRO-3)."""
+"""The machine and the launch: what `make train` runs here (the mission recipe on one CUDA GPU, with as many layers
+keeping their activations as the card's free memory allows, its low-memory form on a small card, the embedded 270M
+demo on CPU), which adapter the verbs after it use, and the checks of a launch (precision, GPUs per process, FSDP and
+ZeRO-3)."""
 
 import os
 import shlex
@@ -16,11 +17,15 @@ SINGLE_GPU = "accelerate_configs/single_gpu.yaml"
 # The mission recipe reserves about 8.3 GiB at its peak (README, Results); with the CUDA context and some margin
 # that fits a 12 GB card (11.7 GiB usable) but not a 10 GB one, so smaller cards get the low-memory recipe.
 MISSION_MIN_GIB = 11
-# On a card with room to spare, every second layer keeps its activations instead of recomputing them: the same
-# arithmetic (the same losses) 1.13x faster, for 22.1 GiB reserved at the peak instead of 8.3 (docs/PERFORMANCE.md,
-# The speed and memory curve), so from 32 GB cards up; a 24 GB card would keep too little margin.
-KEEP_HALF_MIN_GIB = 30
-KEEP_HALF_THE_LAYERS = ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
+# On a card with room to spare, some decoder layers keep their activations instead of recomputing them (kept_layers):
+# the same arithmetic, about 0.8% faster per layer kept. The mission recipe reserves 8.3 GiB at its peak with every
+# layer recomputed and about 0.8 GiB more per layer kept (0.77 on average from 4 to 19 layers, 0.83 at the worst
+# point; docs/PERFORMANCE.md, The speed and memory curve), so a card keeps as many layers as fit beside that with
+# HEADROOM_GIB to spare: none on 12 GB, about 15 on 24 GB, all 34 from 40 GB up.
+MISSION_RESERVED_GIB = 8.3
+KEPT_LAYER_GIB = 0.85
+HEADROOM_GIB = 2.0  # the CUDA context, the allocator's fragmentation, a margin
+MISSION_LAYERS = 34  # gemma-3-4b-it's decoder layers
 
 
 def default_recipe(has_cuda: bool, gpu_gib: float = 0.0) -> str:
@@ -29,9 +34,16 @@ def default_recipe(has_cuda: bool, gpu_gib: float = 0.0) -> str:
     return MISSION if gpu_gib >= MISSION_MIN_GIB else LOW_MEMORY
 
 
+def kept_layers_for(gpu_gib: float) -> int:
+    """How many of the mission recipe's decoder layers keep their activations on a card with `gpu_gib` free."""
+    room = gpu_gib - MISSION_RESERVED_GIB - HEADROOM_GIB
+    return max(0, min(MISSION_LAYERS, int(room // KEPT_LAYER_GIB)))
+
+
 def default_flags(has_cuda: bool, gpu_gib: float = 0.0) -> list[str]:
     """What `make train` adds to the recipe it picks (none to one the user names)."""
-    return KEEP_HALF_THE_LAYERS if has_cuda and gpu_gib >= KEEP_HALF_MIN_GIB else []
+    kept = kept_layers_for(gpu_gib) if has_cuda and default_recipe(has_cuda, gpu_gib) == MISSION else 0
+    return ["--kept_layers", str(kept)] if kept else []
 
 
 def training_script(recipe: str | None, has_cuda: bool, gpu_gib: float = 0.0) -> list[str]:
@@ -147,10 +159,24 @@ def check_launch(model_args, training_args) -> None:
 
 
 def _machine() -> tuple[bool, float]:
+    """Whether there is a CUDA GPU, and the GiB free on the first one: its memory less what other processes (a
+    display, another job) hold, as nvidia-smi reports it (nothing subtracted where it cannot say)."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    return cuda, (torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0)
+    if not torch.cuda.is_available():
+        return False, 0.0
+    properties = torch.cuda.get_device_properties(0)  # no CUDA context: this process holds no GPU memory
+    return True, properties.total_memory / 2**30 - _held_by_others_gib(f"GPU-{properties.uuid}")
+
+
+def _held_by_others_gib(gpu: str) -> float:
+    import subprocess
+
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", gpu]
+    try:
+        return float(subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.split()[0]) / 1024
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return 0.0
 
 
 def main(argv: list[str]) -> int:
@@ -165,10 +191,10 @@ def main(argv: list[str]) -> int:
         print(trained_adapter(argv[0] if argv and argv[0] else None, cuda, gib))
         return 0
     chosen = argv[0] if argv and argv[0] else None
-    reason = f"a CUDA GPU with {gib:.0f} GiB" if cuda else "no CUDA GPU found: training on CPU"
+    reason = f"a CUDA GPU with {gib:.1f} GiB free" if cuda else "no CUDA GPU found: training on CPU"
     picked = shlex.join(training_script(chosen, cuda, gib)[1:])
     if not chosen and default_flags(cuda, gib):
-        reason += ", room to keep every 2nd layer's activations: faster, the same arithmetic"
+        reason += f": room for {kept_layers_for(gib)} layers to keep their activations (faster, the same arithmetic)"
     print(f"make train: {picked} ({reason})", file=sys.stderr, flush=True)
     command = train_command(chosen, cuda, gib)
     if only_print:

@@ -71,9 +71,11 @@ class KeepLayerActivations(TrainerCallback):
         self.kept = kept
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from transformers.modeling_layers import GradientCheckpointingLayer
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        # the language model's layers only: a multimodal model's vision tower has checkpointed layers too (27 in
+        # gemma-3-4b-it's), which text training never runs
+        layers = [layer for m in model.modules() if isinstance(m, Gemma3TextModel) for layer in m.layers]
         chosen = evenly_spaced(self.kept, len(layers))
         for index in chosen:
             layers[index].gradient_checkpointing = False

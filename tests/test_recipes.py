@@ -7,7 +7,18 @@ import yaml
 from conftest import gemma3_4b_on_meta, mission_lora, run_script
 
 from gemma_sft import REPO_ROOT, UserError, config, plan
-from gemma_sft.hardware import DEMO, LOW_MEMORY, MISSION, SINGLE_GPU, default_recipe, train_command
+from gemma_sft.hardware import (
+    DEMO,
+    HEADROOM_GIB,
+    KEPT_LAYER_GIB,
+    LOW_MEMORY,
+    MISSION,
+    MISSION_RESERVED_GIB,
+    SINGLE_GPU,
+    default_recipe,
+    kept_layers_for,
+    train_command,
+)
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 
@@ -126,14 +137,18 @@ def test_make_train_picks_the_recipe_and_launcher_by_hardware():
     assert default_recipe(has_cuda=False) == DEMO
     assert all(Path(REPO_ROOT / recipe).is_file() for recipe in (MISSION, LOW_MEMORY, DEMO))
     launch = ["-m", "accelerate.commands.launch", "--config_file", SINGLE_GPU, "sft.py"]
-    assert train_command(None, has_cuda=True, gpu_gib=23.6)[1:] == [*launch, MISSION]  # a 24 GB card: no room to spare
-    # from 32 GB cards up every 2nd layer keeps its activations (docs/PERFORMANCE.md, The speed and memory curve)
-    keep_half = [*launch, MISSION, "--gradient_checkpointing_kwargs", '{"every_n_layers": 2}']
-    assert train_command(None, has_cuda=True, gpu_gib=31.4)[1:] == keep_half  # a 32 GB card
-    assert train_command(None, has_cuda=True, gpu_gib=79.2)[1:] == keep_half
+    # the layers that keep their activations, from the free memory (docs/PERFORMANCE.md, The speed and memory curve)
+    assert train_command(None, has_cuda=True, gpu_gib=11.7)[1:] == [*launch, MISSION, "--kept_layers", "1"]  # 12 GB
+    assert train_command(None, has_cuda=True, gpu_gib=11.0)[1:] == [*launch, MISSION]  # no room for a layer
+    kept = {gib: kept_layers_for(gib) for gib in (14.6, 23.6, 31.4, 39.4, 79.2)}
+    assert kept == {14.6: 5, 23.6: 15, 31.4: 24, 39.4: 34, 79.2: 34}  # 16, 24, 32, 40 and 80 GB cards
+    for gib, layers in kept.items():  # the estimated peak leaves the headroom on each card
+        assert MISSION_RESERVED_GIB + layers * KEPT_LAYER_GIB + HEADROOM_GIB <= gib
+        assert train_command(None, has_cuda=True, gpu_gib=gib)[1:] == [*launch, MISSION, "--kept_layers", str(layers)]
+    assert train_command(None, has_cuda=True, gpu_gib=9.8)[1:] == [*launch, LOW_MEMORY]  # nothing added to it
     assert train_command(MISSION, has_cuda=True, gpu_gib=79.2)[1:] == [*launch, MISSION]  # a recipe named: as it is
-    _, args, *_ = config.parse([*keep_half[len(launch) :], "--dry_run"])  # sft.py reads the flag as TRL's field
-    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"every_n_layers": 2}
+    parsed = config.parse([MISSION, "--kept_layers", "24", "--dry_run"])
+    assert parsed.training.gradient_checkpointing and parsed.speed.kept_layers == 24  # sft.py reads the flag
     assert (REPO_ROOT / SINGLE_GPU).is_file()
     assert train_command(None, has_cuda=False)[1:] == ["sft.py", DEMO]
     assert train_command("recipes/x.yaml", has_cuda=False)[-1] == "recipes/x.yaml"

@@ -1,6 +1,7 @@
 """End to end on a tiny random Gemma 3 with the real tokenizer: training changes the adapter, the saved adapter
 reproduces the trained model in a fresh process, packing keeps samples apart, and runs are never clobbered."""
 
+import itertools
 import json
 import math
 
@@ -158,6 +159,33 @@ def test_keeping_some_layers_activations_learns_the_same_adapter(tmp_path, monke
         torch.testing.assert_close(adapters[2][name], adapters[0][name], atol=1e-6, rtol=1e-5)
 
 
+def test_kept_layers_are_the_language_models_and_leave_the_vision_tower_alone():
+    """gemma-3-4b-it's class has checkpointed layers in its vision tower too: kept_layers counts the language
+    model's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from gemma_sft.trainer import KeepLayerActivations
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2,
+                                image_size=28, patch_size=14, vision_use_head=False)  # fmt: skip
+    text = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, vocab_size=300)  # fmt: skip
+    model = Gemma3ForConditionalGeneration(
+        Gemma3Config(
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            image_token_index=299,
+            boi_token_index=297,
+            eoi_token_index=298,
+        )
+    )
+    model.gradient_checkpointing_enable()
+    KeepLayerActivations(2).on_train_begin(None, None, None, model=model)
+    assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False, True, False]
+    vision_layers = [m for m in model.model.vision_tower.modules() if type(m).__name__ == "SiglipEncoderLayer"]
+    assert len(vision_layers) == 6 and all(layer.gradient_checkpointing for layer in vision_layers)
+
+
 def test_kept_layers_are_spread_evenly_and_checked_against_the_recipe():
     from types import SimpleNamespace
 
@@ -170,8 +198,8 @@ def test_kept_layers_are_spread_evenly_and_checked_against_the_recipe():
     assert evenly_spaced(40, 34) == evenly_spaced(34, 34) == list(range(34))
     for kept, layers in ((5, 34), (13, 34), (33, 34), (7, 18), (20, 48)):
         chosen = evenly_spaced(kept, layers)
-        assert len(set(chosen)) == kept and 0 <= min(chosen) and max(chosen) < layers
-        gaps = [b - a for a, b in zip(chosen, chosen[1:])]
+        assert len(set(chosen)) == kept and min(chosen) >= 0 and max(chosen) < layers
+        gaps = [b - a for a, b in itertools.pairwise(chosen)]
         assert max(gaps) - min(gaps) <= 1
 
     def recipe(checkpointing=True, kwargs=None):
