@@ -28,7 +28,7 @@ $(VENV)/.llama-cpp: requirements-llama-cpp.txt $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -r requirements-llama-cpp.txt
 	touch $@
 
-train: install  ## fine-tune: the mission recipe on a CUDA GPU (low-memory form under 11 GiB, every 2nd layer's activations kept from 30 GiB), the 270M demo on CPU (RECIPE=... to choose)
+train: install  ## fine-tune: the mission recipe on a CUDA GPU (low-memory form under 11 GiB free; --kept_layers from the free memory), the 270M demo on CPU (RECIPE=... to choose)
 	$(PY) -m gemma_sft.hardware $(RECIPE)
 
 demo: install  ## the CPU demo end to end: train the 270M, then evaluate it

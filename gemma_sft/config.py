@@ -97,8 +97,9 @@ class RunArguments:
 @dataclass
 class SpeedArguments:
     """Switches for the speed-ups that replace part of another library (patches/registry.py, one entry each), and
-    merge_micro_batches, which replaces none. Each keeps the arithmetic but fp8_base_matmuls, which rounds the frozen
-    weight's products through FP8; turn one off to compare, or if a library upgrade moved what it replaces."""
+    merge_micro_batches and kept_layers, which replace none. Each keeps the arithmetic but fp8_base_matmuls, which
+    rounds the frozen weight's products through FP8; turn one off to compare, or if a library upgrade moved what it
+    replaces."""
 
     fused_qlora: bool = field(
         default=True,

@@ -38,8 +38,9 @@ PROCESS_WIDE = ["fused_qlora", "fused_output_head", "pack_in_one_pass", "tuned_f
 
 def test_every_entry_has_a_switch_and_every_switch_an_entry():
     switches = {f.name for f in dataclasses.fields(SpeedArguments)}
-    # settings of fused_qlora's and offload_activations'; a batching choice
-    not_entries = {"lora_dropout_in_kernels", "fp8_base_matmuls", "offload_kept_outputs", "merge_micro_batches"}
+    # settings of fused_qlora's and offload_activations'; a batching choice; a use of transformers' own per-layer flag
+    not_entries = {"lora_dropout_in_kernels", "fp8_base_matmuls", "offload_kept_outputs", "merge_micro_batches",
+                   "kept_layers"}  # fmt: skip
     assert {entry.switch for entry in patches.PATCHES} == switches - not_entries
     kinds = {entry.switch: entry.kind for entry in patches.PATCHES}
     assert set(kinds.values()) == {patches.SPEED, patches.FIX} and kinds["fsdp_checkpoint_fixes"] == patches.FIX

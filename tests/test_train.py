@@ -141,7 +141,8 @@ def test_keeping_some_layers_activations_learns_the_same_adapter(tmp_path, monke
     which `make train` sets from the card's memory) is a speed and memory trade that must not change the gradients."""
     data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(12))
     adapters, flags_seen = [], []
-    for kwargs in ([], ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'], ["--kept_layers", "1"]):
+    for kwargs in ([], ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'], ["--kept_layers", "1"],
+                   ["--kept_layers", "5"]):  # fmt: skip
         trainer = train_in_process(
             monkeypatch,
             [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
@@ -151,12 +152,13 @@ def test_keeping_some_layers_activations_learns_the_same_adapter(tmp_path, monke
         layers = trainer.model.get_base_model().model.layers
         flags_seen.append([layer.gradient_checkpointing for layer in layers])
         adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n})
-    assert flags_seen == [[True, True], [True, False], [True, False]]
-    assert adapters[0].keys() == adapters[1].keys() == adapters[2].keys()
+    assert flags_seen == [[True, True], [True, False], [True, False], [False, False]]  # 5 of 2: all kept
+    assert adapters[0].keys() == adapters[1].keys() == adapters[2].keys() == adapters[3].keys()
     assert any(p.abs().sum() > 0 for n, p in adapters[0].items() if "lora_B" in n)
     for name in adapters[0]:
         torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(adapters[2][name], adapters[0][name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(adapters[3][name], adapters[0][name], atol=1e-6, rtol=1e-5)
 
 
 def test_kept_layers_are_the_language_models_and_leave_the_vision_tower_alone():
