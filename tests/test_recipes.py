@@ -1,5 +1,6 @@
 """Recipes are TRL field names: every shipped recipe parses, unknown keys fail with file:line, flags win."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,21 @@ def test_make_train_picks_the_recipe_and_launcher_by_hardware():
     result = run_script("-m", "gemma_sft.hardware", "--print")
     assert result.returncode == 0 and "make train: recipes/gemma3_270m_belle_demo.yaml (no CUDA GPU" in result.stderr
     assert result.stdout.strip().endswith("sft.py recipes/gemma3_270m_belle_demo.yaml")
+
+
+def test_make_train_counts_memory_other_processes_hold(tmp_path, monkeypatch):
+    """The free memory `make train` sizes kept_layers by is the card's total less what nvidia-smi reports in use
+    (a display, another job); nothing is subtracted where nvidia-smi cannot say."""
+    from gemma_sft import hardware
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\n[ "$3 $4" = "-i GPU-abc" ] && echo 3072\n')  # MiB in use on the GPU asked about
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert hardware._held_by_others_gib("GPU-abc") == 3.0
+    assert hardware._held_by_others_gib("GPU-other") == 0.0  # no answer for that GPU
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert hardware._held_by_others_gib("GPU-abc") == 0.0  # no nvidia-smi at all
 
 
 def test_lora_targets_the_language_model_only_with_the_expected_parameter_count():
