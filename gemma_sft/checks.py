@@ -101,6 +101,7 @@ RANGES = {
     "seed": (_between(0, 2**32), "must be between 0 and 4294967295"),
     "dataset_num_proc": (_at_least(1), "must be 1 or more"),
     "dataloader_num_workers": (_at_least(0), "must be 0 or more"),
+    "kept_layers": (_at_least(0), "must be 0 (every layer recomputed) or more"),
 }
 
 

@@ -122,9 +122,7 @@ def settle_training(training_args, model_args, speed, train_lengths, plan: Plan 
 
 
 def check_kept_layers(training_args, kept: int) -> str:
-    """kept_layers' line for the plan, or a UserError where the recipe cannot use it."""
-    if kept < 0:
-        raise UserError(f"kept_layers: {kept} is negative; give how many decoder layers keep their activations")
+    """kept_layers' line for the plan, or a UserError where the recipe cannot use it (its range: checks.RANGES)."""
     if not training_args.gradient_checkpointing:
         raise UserError(
             f"kept_layers: {kept} needs gradient_checkpointing: true (without checkpointing every layer keeps its "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_RECIPE_FLAGS, belle_rows, run_script, write_jsonl
 
-from gemma_sft import UserError, outputs
+from gemma_sft import UserError, config, outputs
 from sft import main as sft_main
 
 pytestmark = pytest.mark.train  # every test here trains a model or uses a trained one
@@ -208,8 +208,9 @@ def test_kept_layers_are_spread_evenly_and_checked_against_the_recipe():
         return SimpleNamespace(gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs)
 
     assert "8 decoder layers" in check_kept_layers(recipe(kwargs={"use_reentrant": False}), 8)
+    with pytest.raises(UserError, match=r"command line: --kept_layers must be 0 \(every layer recomputed\) or more"):
+        config.parse(["recipes/gemma3_belle.yaml", "--kept_layers", "-1", "--dry_run"])
     for args, kept, message in (
-        (recipe(), -1, "kept_layers: -1 is negative"),
         (recipe(checkpointing=False), 8, "needs gradient_checkpointing: true"),
         (recipe(kwargs={"every_n_layers": 2}), 8, "give one of them"),
     ):
