@@ -21,7 +21,7 @@ MISSION_MIN_GIB = 11
 # the same arithmetic, about 0.8% faster per layer kept. The mission recipe reserves 8.3 GiB at its peak with every
 # layer recomputed and about 0.8 GiB more per layer kept (0.77 on average from 4 to 19 layers, 0.83 at the worst
 # point; docs/PERFORMANCE.md, The speed and memory curve), so a card keeps as many layers as fit beside that with
-# HEADROOM_GIB to spare: none on 12 GB, about 15 on 24 GB, all 34 from 40 GB up.
+# HEADROOM_GIB to spare: one on a 12 GB card, about 15 on 24 GB, all 34 from 40 GB up.
 MISSION_RESERVED_GIB = 8.3
 KEPT_LAYER_GIB = 0.85
 HEADROOM_GIB = 2.0  # the CUDA context, the allocator's fragmentation, a margin
