@@ -42,6 +42,16 @@ def timed(step, repeats=10) -> float:
     return round(1e3 * sorted(times)[len(times) // 2], 3)
 
 
+def first_call(step, inputs) -> tuple:
+    """One forward + backward from cleared gradients: its output, the inputs' gradients, and its seconds."""
+    for t in inputs:
+        t.grad = None
+    started = time.time()
+    out = step()
+    torch.cuda.synchronize()
+    return out, [t.grad.clone() for t in inputs], time.time() - started
+
+
 def probe(tokens: int, capture: bool) -> dict:
     from torch.nn.attention import varlen
 
@@ -75,20 +85,8 @@ def probe(tokens: int, capture: bool) -> dict:
             o.backward(g)
             return o
 
-        for t in (q, k, v):
-            t.grad = None
-        started = time.time()
-        reference = flex_step()
-        torch.cuda.synchronize()
-        first_flex = time.time() - started
-        grads_flex = [t.grad.clone() for t in (q, k, v)]
-        for t in (q, k, v):
-            t.grad = None
-        started = time.time()
-        mine = varlen_step()
-        torch.cuda.synchronize()
-        first_varlen = time.time() - started
-        grads_varlen = [t.grad.clone() for t in (q, k, v)]
+        reference, grads_flex, first_flex = first_call(flex_step, (q, k, v))
+        mine, grads_varlen, first_varlen = first_call(varlen_step, (q, k, v))
         row = {
             "first_call_s": {"flex": round(first_flex, 2), "varlen": round(first_varlen, 2)},
             "max_abs_diff": {
