@@ -165,7 +165,7 @@ def _machine() -> tuple[bool, float]:
 
     if not torch.cuda.is_available():
         return False, 0.0
-    properties = torch.cuda.get_device_properties(0)  # no CUDA context: this process holds no GPU memory
+    properties = torch.cuda.get_device_properties(0)
     return True, properties.total_memory / 2**30 - _held_by_others_gib(f"GPU-{properties.uuid}")
 
 
