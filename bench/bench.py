@@ -174,6 +174,8 @@ SETUPS = {
         None,
     ),
     "ours_gc2": ("as shipped, checkpointing every 2nd layer only", MISSION, GC_EVERY_2, None),
+    # what `make train` adds on larger cards (gemma_sft/hardware.py); the counts of
+    # 2026-12-07-h100-kept-layers-vs-unsloth-8k.json, whose ours_keep8/17/26/34 kept 4, 9, 14 and 19 language layers
     **{
         f"ours_keep{kept}": (
             f"as shipped, {kept} evenly spaced layers keep their activations (kept_layers {kept})",
@@ -181,7 +183,7 @@ SETUPS = {
             ["--kept_layers", str(kept)],
             None,
         )
-        for kept in (8, 17, 26, 34)
+        for kept in (4, 9, 14, 16, 19, 34)
     },
     "ours_plain_attention": (
         "as shipped, without the attention speed-ups (q/k norms through the stored layout, flex_attention backward "
