@@ -185,6 +185,16 @@ SETUPS = {
         )
         for kept in (4, 9, 14, 16, 19, 34)
     },
+    # the speed and memory curve at 16,384 tokens per step: one kept layer still fits 10 GiB there
+    **{
+        f"ours_16k_keep{kept}": (
+            f"ours_16k, {kept} evenly spaced layers keep their activations (kept_layers {kept})",
+            MISSION,
+            [*ROWS_16K, "--kept_layers", str(kept)],
+            None,
+        )
+        for kept in (1, 8, 17, 34)
+    },
     "ours_plain_attention": (
         "as shipped, without the attention speed-ups (q/k norms through the stored layout, flex_attention backward "
         "with 8 warps)",
