@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
 from test_train import DEMO, losses_and_adapter, train_in_process
 
-from gemma_sft import patches
+from gemma_sft import UserError, patches
 from gemma_sft.patches import async_steps, attention, cuda_graphs
 from gemma_sft.patches.packed_block_masks import PackedBlockMasks, sequence_numbers
 
@@ -206,6 +206,37 @@ def test_off_a_gpu_the_wrapped_model_computes_what_it_computed(tiny_model_dir):
     assert graphed_loss == loss and graphed_grads.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(graphed_grads[name], grads[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "failure, raised",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 320.00 MiB."), torch.OutOfMemoryError),
+        (RuntimeError("operation not permitted when stream is capturing"), UserError),
+    ],
+)
+def test_a_capture_out_of_memory_is_reported_as_such_and_other_failures_name_the_switch(
+    tiny_model_dir, monkeypatch, failure, raised
+):
+    """Running out of memory while capturing is the step's size, not the graphs: it reaches the entry script's
+    out-of-memory line (what uses less); an operation that cannot be captured says to turn the graphs off."""
+
+    def failing_capture(*args, **kwargs):
+        raise failure
+
+    model = tiny_lora_model(tiny_model_dir, "cpu", dropout=0.0, four_bit=False)
+    assert cuda_graphs.graph_text_models(model) == 1
+    stack = model.base_model.model.model.forward
+    monkeypatch.setattr(cuda_graphs, "_Captured", failing_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    with pytest.raises(raised) as error:
+        stack.capture("key", [torch.zeros(1, 8, dtype=torch.long), None], True, [])
+    if raised is UserError:
+        assert "--cuda_graphs false" in str(error.value) and "operation not permitted" in str(error.value)
+        assert stack.failed.startswith("RuntimeError: operation not permitted")
+    else:
+        assert error.value is failure and stack.failed is None
+    assert stack.captured == {}
 
 
 @GPU

@@ -225,6 +225,8 @@ class GraphedStack:
         try:
             with autocast:
                 captured = _Captured(run, inputs, params, self.pool)
+        except torch.OutOfMemoryError:  # the step needs less memory, not a run without graphs: told as such upstream
+            raise
         except RuntimeError as exc:  # an operation that cannot be captured; the random generator is left mid-capture
             self.failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             raise UserError(
