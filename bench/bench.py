@@ -195,6 +195,19 @@ SETUPS = {
         )
         for kept in (1, 8, 17, 34)
     },
+    "ours_keep_qkv": (
+        "as shipped, the query, key and value projections' outputs kept through checkpointing too (keep_qkv_outputs)",
+        MISSION,
+        ["--keep_qkv_outputs", "true"],
+        None,
+    ),
+    "ours_16k_keep_qkv": ("ours_16k with keep_qkv_outputs", MISSION, [*ROWS_16K, "--keep_qkv_outputs", "true"], None),
+    "ours_16k_keep_qkv_offloaded": (
+        "ours_16k with keep_qkv_outputs, every kept output in pinned host memory (offload_kept_outputs)",
+        MISSION,
+        [*ROWS_16K, "--keep_qkv_outputs", "true", "--offload_kept_outputs", "true"],
+        None,
+    ),
     "ours_plain_attention": (
         "as shipped, without the attention speed-ups (q/k norms through the stored layout, flex_attention backward "
         "with 8 warps)",

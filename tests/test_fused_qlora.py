@@ -1,5 +1,7 @@
 """The fused QLoRA layer computes what PEFT computes: same outputs, same gradients, same trained adapter."""
 
+import functools
+
 import pytest
 import torch
 from conftest import TINY_RECIPE_FLAGS, belle_rows, write_jsonl
@@ -93,10 +95,23 @@ def test_cases_it_does_not_cover_keep_peft_forward(tiny_model_dir, count_fused_c
     assert not fused_qlora.covers(layer, x, (), {"adapter_names": ["default"]})  # mixed-adapter batches
 
 
+KEPT = {  # what each marking keeps: the projections marked in a decoder layer, how many replay per layer
+    "mlp": ([fused_qlora.keep_mlp_outputs], {"down_proj"}),
+    "qkv": ([fused_qlora.keep_qkv_outputs], {"q_proj", "k_proj", "v_proj"}),
+    "both": (
+        [fused_qlora.keep_mlp_outputs, fused_qlora.keep_qkv_outputs],
+        {"down_proj", "q_proj", "k_proj", "v_proj"},
+    ),
+}
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_dir, count_fused_calls, dropout):
-    """Under gradient checkpointing the down projections hand their first-pass output to the recomputation instead
-    of computing it again, and every gradient stays what full recomputation gives."""
+@pytest.mark.parametrize("kept", sorted(KEPT))
+def test_kept_outputs_give_the_gradients_of_full_recomputation(tiny_model_dir, count_fused_calls, dropout, kept):
+    """Under gradient checkpointing the marked projections (the MLP's down projection; the attention's query, key and
+    value projections) hand their first-pass output to the recomputation instead of computing it again, and every
+    gradient stays what full recomputation gives."""
+    marks, projections = KEPT[kept]
     model = four_bit_lora_model(tiny_model_dir, dropout)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     patches.enable("fused_qlora")
@@ -104,7 +119,9 @@ def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_di
     results = []
     for keep in (False, True):
         if keep:
-            assert fused_qlora.keep_mlp_outputs(model) == 2  # both decoder layers
+            assert all(mark(model) == 2 for mark in marks)  # both decoder layers
+            marked = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if getattr(m, "keep_output", 0)}
+            assert marked == projections
         count_fused_calls.clear()
         torch.manual_seed(1)
         loss = model(ids).logits.float().pow(2).mean()
@@ -112,23 +129,28 @@ def test_kept_mlp_outputs_give_the_gradients_of_full_recomputation(tiny_model_di
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         model.zero_grad()
         replayed = [shape for shape, how in count_fused_calls if how == "replayed"]
-        # each LoRA layer runs twice (forward, recomputation); with kept outputs the down projections' second run
-        # (input width: the MLP's intermediate size) takes the kept output
+        # each LoRA layer runs twice (forward, recomputation); a marked projection's second run takes its kept output
+        # (the down projection's input is the MLP's intermediate width, 128; the others' the hidden size, 64)
         assert len(count_fused_calls) == 2 * 2 * 7
-        assert len(replayed) == (2 if keep else 0) and all(shape[-1] == 128 for shape in replayed), replayed
+        assert len(replayed) == (2 * len(projections) if keep else 0), replayed
+        assert sum(shape[-1] == 128 for shape in replayed) == (2 if keep and "down_proj" in projections else 0)
     (full_loss, full_grads), (kept_loss, kept_grads) = results
     assert torch.equal(kept_loss, full_loss) and kept_grads.keys() == full_grads.keys() and len(full_grads) == 28
     for name, grad in full_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(kept_grads[name], grad, atol=0, rtol=0, msg=name)
     # the wrapped checkpoint function is not wrapped twice
-    assert fused_qlora.keep_mlp_outputs(model) == 2
+    assert all(mark(model) == 2 for mark in marks)
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) and hasattr(m, "self_attn")]
+    assert len(layers) == 2 and all(isinstance(m._gradient_checkpointing_func, functools.partial) for m in layers)
+    assert not any(isinstance(m._gradient_checkpointing_func.func, functools.partial) for m in layers)
 
 
 @pytest.mark.train
 def test_training_with_fused_layers_learns_peft_adapter(tmp_path, tiny_model_dir, count_fused_calls):
     """sft.py routes every QLoRA layer through the fused function and learns PEFT's adapter. (TRL keeps QLoRA adapters
-    in bf16, so their matmuls round differently by a hair: hence the bf16-sized tolerance.)"""
+    in bf16, so their matmuls round differently by a hair: hence the bf16-sized tolerance.) With keep_qkv_outputs
+    the query, key and value projections replay too, and the run learns exactly the same."""
     import json
 
     from safetensors.torch import load_file
@@ -137,21 +159,26 @@ def test_training_with_fused_layers_learns_peft_adapter(tmp_path, tiny_model_dir
 
     data = write_jsonl(tmp_path / "rows.jsonl", belle_rows(16))
     adapters, losses = [], []
-    for fused in ("false", "true"):
-        out = tmp_path / f"out-{fused}"
+    # (fused_qlora, keep_qkv_outputs, projections replayed of a layer's seven: the down projection's by default)
+    for fused, keep_qkv, replaying in (("false", "false", 0), ("true", "false", 1), ("true", "true", 4)):
+        out = tmp_path / f"out-{fused}-{keep_qkv}"
+        count_fused_calls.clear()
         args = [DEMO, "--model_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
                 *TINY_RECIPE_FLAGS, *FOUR_BIT, "--max_length", "128", "--eval_samples", "0", "--lora_dropout", "0",
-                "--fused_qlora", fused, "--gradient_checkpointing", "true"]  # fmt: skip
+                "--fused_qlora", fused, "--gradient_checkpointing", "true",
+                "--keep_qkv_outputs", keep_qkv]  # fmt: skip
         assert sft_main(args) == 0
         assert bool(count_fused_calls) == (fused == "true")  # every forward of a QLoRA layer went through it
-        # the down projections' recomputations reused their kept outputs (keep_mlp_outputs, on by default)
+        assert len(count_fused_calls) % (2 * 7) == 0
         replayed = sum(how == "replayed" for _, how in count_fused_calls)
-        assert replayed == (len(count_fused_calls) // 14 if fused == "true" else 0)
+        assert replayed == len(count_fused_calls) // 14 * replaying
         adapters.append(load_file(str(out / "adapter_model.safetensors")))
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         losses.append([entry["loss"] for entry in history if "loss" in entry])
-    assert len(count_fused_calls) % (2 * 7) == 0
     assert len(losses[0]) == 5 and losses[0][-1] < losses[0][0]
+    assert losses[2] == losses[1]
+    assert adapters[2].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[2][name], tensor) for name, tensor in adapters[1].items())
     torch.testing.assert_close(losses[1], losses[0], atol=2e-4, rtol=0)
     assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 2 * 2 * 7
     for name, tensor in adapters[0].items():

@@ -231,6 +231,51 @@ def test_kept_mlp_outputs_wait_on_the_host_and_come_back_for_the_recomputation(t
         torch.testing.assert_close(grads[name], full_grads[name], rtol=0, atol=0)
 
 
+def test_kept_query_key_value_outputs_wait_on_the_host_beside_the_mlp_output(tiny_model_dir, monkeypatch):
+    """keep_qkv_outputs with offload_kept_outputs: each layer sends its four kept outputs to host buffers of their
+    own, in the order the layer computes them (query, key, value, then the MLP's), each exactly its first-pass value;
+    the recomputation replays all four and the gradients are those of full recomputation."""
+    from gemma_sft.patches import offload_activations
+
+    model = four_bit_lora_model(tiny_model_dir, 0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patches.enable("fused_qlora")
+    monkeypatch.setattr(offload_activations, "kept_outputs_too", True)
+    replays, first_pass = [], {}
+    original = fused_qlora.QLoRALinear.forward
+    ids = torch.randint(10, 1000, (2, 33), device=model.device)
+    layers = _text_model(model).layers
+    kept_in_order = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.down_proj]
+                     for layer in layers]  # fmt: skip
+
+    def record(module, args, output):
+        if torch.is_grad_enabled() and module not in first_pass:  # the first pass comes before any recomputation
+            first_pass[module] = output.detach().clone()
+
+    try:
+        full_loss, full_grads = _loss_and_grads_on(model, ids)
+        assert fused_qlora.keep_mlp_outputs(model) == 2 and fused_qlora.keep_qkv_outputs(model) == 2
+        assert offload_layer_inputs(model) == 2
+        for projection in (p for projections in kept_in_order for p in projections):
+            projection.register_forward_hook(record)
+        counted = staticmethod(lambda *args: replays.append("out" in (args[10] or {})) or original(*args))
+        fused_qlora.QLoRALinear.forward = counted
+        loss, grads = _loss_and_grads_on(model, ids)
+    finally:
+        fused_qlora.QLoRALinear.forward = original
+        patches.disable("fused_qlora")
+    offload = _text_model(model).activation_offload
+    assert offload.offloaded == 2 and offload.kept_offloaded == 8 and sum(replays) == 8
+    for position, projections in enumerate(kept_in_order):
+        for index, projection in enumerate(projections):
+            output = first_pass[projection]
+            host = _host_copy(offload, ("kept", position, index, 0), output.reshape(-1, output.shape[-1]))
+            assert torch.equal(host, output.reshape(host.shape).cpu()), (position, index)
+    assert loss == full_loss and grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=0, atol=0)
+
+
 @GPU
 def test_on_a_gpu_offloading_lowers_peak_memory_and_replays_the_same_steps(eight_layer_model_dir):
     """Eager and through CUDA graphs, offloaded steps give the eager steps' loss and gradients, dropout included; on
