@@ -2,7 +2,7 @@
 in the registry with a switch, the version they were checked against and whether they are speed or correctness.
 
     registry          the list, and install/enable/disable
-    fused_qlora       4-bit LoRA layers as one autograd function; keep_mlp_outputs through checkpointing (speed)
+    fused_qlora       4-bit LoRA layers as one autograd function; keep_mlp_outputs, keep_qkv_outputs (speed)
     lora_dropout      the Triton kernels that draw LoRA dropout inside fused_qlora (speed)
     offload_activations  checkpointed layer inputs held in pinned host memory (speed: same arithmetic, less memory)
     output_head       the output head's gradient computed in its forward pass (speed)

@@ -6,9 +6,10 @@ layer computes, its GPU memory is released once the copy is done, and in the bac
 ahead of the recomputation that needs it. The GPU then holds two or three of them at a time instead of all of them.
 The arithmetic is unchanged; each step moves those bytes over PCIe once each way.
 
-With `kept_outputs_too` (recipe key offload_kept_outputs) the MLP outputs that keep_mlp_outputs holds through the
-step (fused_qlora.py: as many bytes per layer as its input) travel the same way: sent while the layer goes on, brought
-back when the backward pass reaches the layer before it, handed to the recomputation in place of the GPU copy.
+With `kept_outputs_too` (recipe key offload_kept_outputs) the outputs that keep_mlp_outputs (and keep_qkv_outputs)
+hold through the step (fused_qlora.py: as many bytes per layer as its input for the MLP's) travel the same way: sent
+while the layer goes on, brought back when the backward pass reaches the layer before it, handed to the recomputation
+in place of the GPU copy.
 
 The streams, events and host buffers are set up per layer, so the copies can be captured inside cuda_graphs.py's
 graphs and replayed: a host buffer is never freed or moved while a captured graph may still copy into it.
@@ -22,7 +23,7 @@ import torch
 from gemma_sft import hardware
 from gemma_sft.patches import fused_qlora
 
-kept_outputs_too = False  # also the MLP outputs keep_mlp_outputs keeps (switch offload_kept_outputs)
+kept_outputs_too = False  # also the outputs fused_qlora keeps (switch offload_kept_outputs)
 
 
 class _Pass:
@@ -50,7 +51,7 @@ class _Saved:
 
 
 class KeptOnHost:
-    """A kept MLP output (fused_qlora.py) held on the host: what the layer's recomputation takes back."""
+    """A kept projection output (fused_qlora.py) held on the host: what the layer's recomputation takes back."""
 
     __slots__ = ("__weakref__", "device", "dtype", "fetched", "host", "offload", "shape")
 
@@ -87,7 +88,7 @@ class ActivationOffload:
         self.recording: _Pass | None = None  # the forward pass under way
         self.waiting: list = []  # passes whose backward has not taken all their inputs back
         self.offloaded = 0  # layer inputs sent to the host so far
-        self.kept_offloaded = 0  # kept MLP outputs sent to the host so far
+        self.kept_offloaded = 0  # kept projection outputs sent to the host so far
 
     # forward ---------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -141,7 +142,7 @@ class ActivationOffload:
         return host
 
     def send_kept(self, tensor: torch.Tensor):
-        """A kept MLP output of the layer being recorded, sent to the host; returns what stands in for it (the
+        """A kept projection output of the layer being recorded, sent to the host; returns what stands in for it (the
         tensor itself outside an offloaded layer's first pass)."""
         layer = self.recording.saved[-1]() if self.recording is not None and self.recording.saved else None
         if layer is None:
@@ -226,7 +227,7 @@ class OffloadedCheckpoint:
         if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
             return self.checkpoint(function, *args, **kwargs)
         previous = fused_qlora.kept_output_stash
-        if kept_outputs_too:  # the first pass of the layer hands its kept MLP output over (send_kept)
+        if kept_outputs_too:  # the first pass of the layer hands its kept outputs over (send_kept)
             fused_qlora.kept_output_stash = self.offload.send_kept
         try:
             with self.offload.saving(self.layer, args[0]):
