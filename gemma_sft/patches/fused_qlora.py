@@ -241,15 +241,21 @@ def keep_qkv_outputs(model) -> int:
     return _keep_outputs(model, lambda layer: [getattr(getattr(layer, "self_attn", None), n, None) for n in attention])
 
 
-def _keep_outputs(model, projections) -> int:
+def _keep_outputs(model, projections_of) -> int:
+    """Mark the projections `projections_of(layer)` names in each checkpointed layer where all are fused 4-bit
+    layers, wrapping the layer's checkpoint function once with kept_outputs_context."""
     from peft.tuners.lora import bnb as peft_bnb
 
     layers = 0
     for module in model.modules():
         checkpoint = getattr(module, "_gradient_checkpointing_func", None)
         keywords = getattr(checkpoint, "keywords", {})
-        chosen = projections(module)
-        if not getattr(module, "gradient_checkpointing", False) or checkpoint is None or None in chosen:
+        chosen = projections_of(module)
+        if (
+            not getattr(module, "gradient_checkpointing", False)
+            or checkpoint is None
+            or any(p is None for p in chosen)
+        ):
             continue
         if not all(isinstance(p, peft_bnb.Linear4bit) for p in chosen) or keywords.get("use_reentrant", True):
             continue  # only the fused 4-bit layer replays; reentrant checkpointing takes no context_fn
@@ -261,7 +267,7 @@ def _keep_outputs(model, projections) -> int:
     return layers
 
 
-def keep_mlp_outputs_applies(speed, training_args, model_args) -> bool:
+def keep_outputs_applies(speed, training_args, model_args) -> bool:
     # the replayed output is the fused layer's; with torch_compile the compiled layers would trace the replay: untried
     return (
         speed.fused_qlora

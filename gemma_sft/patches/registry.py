@@ -63,9 +63,9 @@ PATCHES = [
     Patch("fused_qlora", SPEED, "peft.tuners.lora.bnb.Linear4bit.forward", "peft", "0.21.2",
           fused_qlora.install, fused_qlora.uninstall, fused_qlora.applies),
     Patch("keep_mlp_outputs", SPEED, "the decoder layers' private _gradient_checkpointing_func", "transformers",
-          "5.17.0", applies=fused_qlora.keep_mlp_outputs_applies, on_train_begin=fused_qlora.keep_mlp_outputs),
+          "5.17.0", applies=fused_qlora.keep_outputs_applies, on_train_begin=fused_qlora.keep_mlp_outputs),
     Patch("keep_qkv_outputs", SPEED, "the decoder layers' private _gradient_checkpointing_func", "transformers",
-          "5.17.0", applies=fused_qlora.keep_mlp_outputs_applies, on_train_begin=fused_qlora.keep_qkv_outputs),
+          "5.17.0", applies=fused_qlora.keep_outputs_applies, on_train_begin=fused_qlora.keep_qkv_outputs),
     # after the two above: it wraps the checkpoint function they have set
     Patch("offload_activations", SPEED, "the decoder layers' private _gradient_checkpointing_func (its saved input)",
           "transformers", "5.17.0", applies=offload_activations.applies,
