@@ -325,6 +325,32 @@ def test_on_a_gpu_kept_outputs_on_the_host_lower_peak_memory_and_replay_the_same
 
 
 @GPU
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_on_a_gpu_kept_query_key_value_outputs_replay_the_same_steps(eight_layer_model_dir, monkeypatch, offloaded):
+    """keep_qkv_outputs on a GPU, with the dropout kernels' seeds replayed, on the GPU or with the kept outputs on the
+    host: eager and graphed steps give the steps without it, and every layer's four kept outputs are used."""
+    from gemma_sft.patches import offload_activations
+
+    patches.enable("fused_qlora")
+    model = tiny_lora_model(eight_layer_model_dir, "cuda", dropout=0.3, four_bit=True)
+    layers = len(_text_model(model).layers)
+    assert fused_qlora.keep_mlp_outputs(model) == layers and offload_layer_inputs(model) == layers
+    batch = padded_batch("cuda")
+    expected_loss, expected_grads = loss_and_grads(model, *batch, seed=7)
+
+    assert fused_qlora.keep_qkv_outputs(model) == layers
+    monkeypatch.setattr(offload_activations, "kept_outputs_too", offloaded)
+    replays, original = [], fused_qlora.QLoRALinear.forward
+    counted = staticmethod(lambda *args: replays.append("out" in (args[10] or {})) or original(*args))
+    monkeypatch.setattr(fused_qlora.QLoRALinear, "forward", counted)
+    loss_and_grads(model, *batch, seed=7)
+    assert sum(replays) == 4 * layers
+    assert _text_model(model).activation_offload.kept_offloaded == (4 * layers if offloaded else 0)
+    _eager_and_graphed_steps_give(model, batch, expected_loss, expected_grads)
+    assert _text_model(model).forward.failed is None
+
+
+@GPU
 def test_packed_graphed_training_with_offloading_learns_what_it_learns_without(tmp_path, monkeypatch, tiny_model_dir):
     torch._dynamo.reset()
     packed = ["--packing", "true", "--max_length", "512", "--pad_to_multiple_of", "512", "--attn_implementation",
