@@ -50,6 +50,18 @@ def _loss_and_grads_on(model, ids):
     return loss.detach(), grads
 
 
+def _count_replays(monkeypatch) -> list:
+    """From now on, one entry per call of the fused layer's forward: whether it replayed a kept output."""
+    replays, original = [], fused_qlora.QLoRALinear.forward
+
+    def counted(*args):
+        replays.append("out" in (args[10] or {}))
+        return original(*args)
+
+    monkeypatch.setattr(fused_qlora.QLoRALinear, "forward", staticmethod(counted))
+    return replays
+
+
 def _body_peak(model, tokens: int) -> int:
     """Peak GPU memory of the decoder stack's forward and backward on one row of `tokens` tokens, above the start."""
     ids = torch.randint(3, 1000, (1, tokens), device="cuda")
@@ -162,24 +174,20 @@ def test_two_forward_passes_before_one_backward_keep_their_own_inputs(tiny_model
         torch.testing.assert_close(offloaded_again[name], kept[name], rtol=0, atol=0)
 
 
-def test_offloading_wraps_the_checkpoint_that_keeps_mlp_outputs(tiny_model_dir):
+def test_offloading_wraps_the_checkpoint_that_keeps_mlp_outputs(tiny_model_dir, monkeypatch):
     """With keep_mlp_outputs (fused 4-bit layers), the down projections still replay their kept outputs, the inputs
     still go to the host, and the gradients are those of full recomputation."""
     model = four_bit_lora_model(tiny_model_dir, 0.1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     patches.enable("fused_qlora")
-    replays = []
-    original = fused_qlora.QLoRALinear.forward
     ids = torch.randint(10, 1000, (2, 33), device=model.device)  # bitsandbytes puts the 4-bit model on a GPU if any
 
     try:
         full_loss, full_grads = _loss_and_grads_on(model, ids)
         assert fused_qlora.keep_mlp_outputs(model) == 2 and offload_layer_inputs(model) == 2
-        counted = staticmethod(lambda *args: replays.append("out" in (args[10] or {})) or original(*args))
-        fused_qlora.QLoRALinear.forward = counted
+        replays = _count_replays(monkeypatch)
         loss, grads = _loss_and_grads_on(model, ids)
     finally:
-        fused_qlora.QLoRALinear.forward = original
         patches.disable("fused_qlora")
     assert sum(replays) == 2  # one kept output handed back per decoder layer
     assert _text_model(model).activation_offload.offloaded == 2
@@ -241,8 +249,7 @@ def test_kept_query_key_value_outputs_wait_on_the_host_beside_the_mlp_output(tin
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     patches.enable("fused_qlora")
     monkeypatch.setattr(offload_activations, "kept_outputs_too", True)
-    replays, first_pass = [], {}
-    original = fused_qlora.QLoRALinear.forward
+    first_pass = {}
     ids = torch.randint(10, 1000, (2, 33), device=model.device)
     layers = _text_model(model).layers
     kept_in_order = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.down_proj]
@@ -258,11 +265,9 @@ def test_kept_query_key_value_outputs_wait_on_the_host_beside_the_mlp_output(tin
         assert offload_layer_inputs(model) == 2
         for projection in (p for projections in kept_in_order for p in projections):
             projection.register_forward_hook(record)
-        counted = staticmethod(lambda *args: replays.append("out" in (args[10] or {})) or original(*args))
-        fused_qlora.QLoRALinear.forward = counted
+        replays = _count_replays(monkeypatch)
         loss, grads = _loss_and_grads_on(model, ids)
     finally:
-        fused_qlora.QLoRALinear.forward = original
         patches.disable("fused_qlora")
     offload = _text_model(model).activation_offload
     assert offload.offloaded == 2 and offload.kept_offloaded == 8 and sum(replays) == 8
@@ -340,9 +345,7 @@ def test_on_a_gpu_kept_query_key_value_outputs_replay_the_same_steps(eight_layer
 
     assert fused_qlora.keep_qkv_outputs(model) == layers
     monkeypatch.setattr(offload_activations, "kept_outputs_too", offloaded)
-    replays, original = [], fused_qlora.QLoRALinear.forward
-    counted = staticmethod(lambda *args: replays.append("out" in (args[10] or {})) or original(*args))
-    monkeypatch.setattr(fused_qlora.QLoRALinear, "forward", counted)
+    replays = _count_replays(monkeypatch)
     loss_and_grads(model, *batch, seed=7)
     assert sum(replays) == 4 * layers
     assert _text_model(model).activation_offload.kept_offloaded == (4 * layers if offloaded else 0)
