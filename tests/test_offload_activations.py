@@ -303,6 +303,16 @@ def test_on_a_gpu_offloading_lowers_peak_memory_and_replays_the_same_steps(eight
     assert stack.failed is None and stack.replays == 3  # the capturing call replays too
 
 
+def _gpu_model_keeping_mlp_outputs_offloaded(model_dir):
+    """An eight-layer 4-bit LoRA model on the GPU (dropout in the kernels) whose layers keep their MLP outputs and
+    offload their inputs; with its layer count and a padded batch."""
+    patches.enable("fused_qlora")
+    model = tiny_lora_model(model_dir, "cuda", dropout=0.3, four_bit=True)
+    layers = len(_text_model(model).layers)
+    assert fused_qlora.keep_mlp_outputs(model) == layers and offload_layer_inputs(model) == layers
+    return model, layers, padded_batch("cuda")
+
+
 @GPU
 def test_on_a_gpu_kept_outputs_on_the_host_lower_peak_memory_and_replay_the_same_steps(eight_layer_model_dir,
                                                                                      monkeypatch):  # fmt: skip
@@ -310,11 +320,7 @@ def test_on_a_gpu_kept_outputs_on_the_host_lower_peak_memory_and_replay_the_same
     outputs, and eager and graphed steps give the steps without it."""
     from gemma_sft.patches import offload_activations
 
-    patches.enable("fused_qlora")
-    model = tiny_lora_model(eight_layer_model_dir, "cuda", dropout=0.3, four_bit=True)
-    layers = len(_text_model(model).layers)
-    assert fused_qlora.keep_mlp_outputs(model) == layers and offload_layer_inputs(model) == layers
-    batch = padded_batch("cuda")
+    model, layers, batch = _gpu_model_keeping_mlp_outputs_offloaded(eight_layer_model_dir)
     inputs_only_loss, inputs_only_grads = loss_and_grads(model, *batch, seed=7)
 
     tokens = 65536
@@ -336,11 +342,7 @@ def test_on_a_gpu_kept_query_key_value_outputs_replay_the_same_steps(eight_layer
     host: eager and graphed steps give the steps without it, and every layer's four kept outputs are used."""
     from gemma_sft.patches import offload_activations
 
-    patches.enable("fused_qlora")
-    model = tiny_lora_model(eight_layer_model_dir, "cuda", dropout=0.3, four_bit=True)
-    layers = len(_text_model(model).layers)
-    assert fused_qlora.keep_mlp_outputs(model) == layers and offload_layer_inputs(model) == layers
-    batch = padded_batch("cuda")
+    model, layers, batch = _gpu_model_keeping_mlp_outputs_offloaded(eight_layer_model_dir)
     expected_loss, expected_grads = loss_and_grads(model, *batch, seed=7)
 
     assert fused_qlora.keep_qkv_outputs(model) == layers
